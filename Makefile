@@ -1,0 +1,64 @@
+# katapy: `make setup` installs everything, `make test` runs the suite,
+# `make demo` runs a container in a VM through containerd.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PROTOS := $(wildcard protos/katapy/pb/*.proto)
+PB_STAMP := src/katapy/pb/.generated
+CFFI_SRC := csrc/kvm_ioctl/build.py $(wildcard csrc/kvm_ioctl/*.h)
+CFFI_STAMP := $(VENV)/.cffi-built
+PYTEST_ARGS ?=
+
+.PHONY: setup deps venv protos cffi kernel image test demo bench install clean check
+
+setup: deps venv protos cffi kernel image
+
+deps:
+	@bash scripts/setup-deps.sh
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -U pip setuptools wheel
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+$(PB_STAMP): $(PROTOS) | $(VENV)/.installed
+	$(VPY) -m grpc_tools.protoc -I protos --python_out=src --pyi_out=src $(PROTOS)
+	@touch $@
+
+protos: $(PB_STAMP)
+
+$(CFFI_STAMP): $(CFFI_SRC) | $(VENV)/.installed
+	cd csrc/kvm_ioctl && ../../$(VPY) build.py
+	@touch $@
+
+cffi: $(CFFI_STAMP)
+
+kernel: protos
+	$(VPY) -m katapy.osbuilder kernel --flavor guest
+	$(VPY) -m katapy.osbuilder kernel --flavor harness
+
+image: protos
+	$(VPY) -m katapy.osbuilder image
+
+test: setup
+	$(VPY) -m pytest -ra $(PYTEST_ARGS)
+
+demo: setup install
+	bash scripts/demo.sh
+
+bench: setup
+	$(VPY) -m benchmarks.run
+
+install: venv protos cffi
+	bash scripts/install.sh
+
+check: venv
+	$(VENV)/bin/katapy check
+
+clean:
+	rm -rf build src/*.egg-info $(PB_STAMP) src/katapy/pb/*_pb2*.py src/katapy/pb/*.pyi $(CFFI_STAMP)
+	find . -name __pycache__ -prune -exec rm -rf {} +
