@@ -7,6 +7,7 @@ Each subcommand lives in its own module ``katapy.cli.<name>`` exposing
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if entry is None:
         print(f"katapy: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from katapy import log
+
+    log.configure(level=os.environ.get("KATAPY_LOG", "warning"))
     module = importlib.import_module(entry[0])
     return int(module.main(args[1:]) or 0)
 

@@ -1,0 +1,5 @@
+import sys
+
+from katapy.cli import main
+
+sys.exit(main())
