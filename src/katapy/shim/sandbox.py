@@ -1,0 +1,194 @@
+"""SandboxManager: one pod's VM, its agent connection and its host resources
+(Kata runtime-rs ``virt_container::sandbox::VirtSandbox``).
+
+Start order: sandbox directory and record -> host cgroup (the shim joins it,
+so VMM threads and an external VMM inherit it) -> ``Hypervisor.start_vm`` with
+the virtio-fs share -> ``AgentClient.connect`` over hybrid vsock ->
+``CreateSandbox`` with the virtio-fs storage (contracts: tag ``katapy-shared``
+mounted at /run/katapy/shared).  Any failure undoes everything done so far.
+Stop order is the reverse; ``stop`` is idempotent.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from katapy import log
+from katapy.resource import mounts
+from katapy.resource.cgroups import CgroupError, SandboxCgroup
+from katapy.resource.rootfs import GUEST_SHARED_DIR
+from katapy.shim.errors import Unavailable
+from katapy.shim.persist import SandboxRecord
+
+if TYPE_CHECKING:
+    from katapy.config import KatapyConfig
+    from katapy.hypervisor.base import Hypervisor, VmExit
+
+SHARED_FS_TAG = "katapy-shared"
+AGENT_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class BootTimes:
+    """Seconds spent in each start step (the benchmark's breakdown)."""
+
+    vm_start_s: float = 0.0
+    agent_connect_s: float = 0.0
+    create_sandbox_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def sandbox_dir(config: KatapyConfig, sandbox_id: str) -> Path:
+    return Path(config.runtime.state_dir) / sandbox_id
+
+
+class SandboxManager:
+    """Owns one sandbox VM.  ``agent`` is the connected AgentClient once started."""
+
+    def __init__(self, sandbox_id: str, config: KatapyConfig) -> None:
+        self.sandbox_id = sandbox_id
+        self.config = config
+        self.dir = sandbox_dir(config, sandbox_id)
+        self.shared_dir = self.dir / "shared"
+        self.hypervisor: Hypervisor | None = None
+        self.agent: Any = None
+        self.cgroup: SandboxCgroup | None = None
+        self.record = SandboxRecord(sandbox_id, str(self.dir), str(self.shared_dir), shim_pid=os.getpid())
+        self.times = BootTimes()
+        self.vm_exit: VmExit | None = None
+        self._agent_cm: Any = None
+        self._stopping = False
+        self._stopped = False
+        self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
+
+    @property
+    def vmm_pid(self) -> int:
+        """The host process running the VMM: the shim for builtin, QEMU for qemu (Kata reports it as task pid)."""
+        if self.hypervisor is not None:
+            pid = self.hypervisor.metrics().get("pid")
+            if isinstance(pid, int) and pid > 0:
+                return pid
+        return os.getpid()
+
+    async def start(self, hostname: str, dns: list[str]) -> None:
+        from katapy import hypervisor as hv_mod
+
+        if self.dir.exists() and SandboxRecord.load(self.dir) is not None:
+            raise Unavailable(f"sandbox {self.sandbox_id}: state {self.dir} exists (a previous shim was not cleaned up)")
+        try:
+            self.shared_dir.mkdir(parents=True, exist_ok=True)
+            self.record.save()
+            self.cgroup = SandboxCgroup.create(self.sandbox_id)
+            self.cgroup.add_process(os.getpid())
+            self.record.cgroup_dirs = [str(d) for d in self.cgroup.dirs]
+            self.record.save()
+
+            self.hypervisor = hv_mod.select(self.config)
+            vmcfg = hv_mod.vm_config(self.config, self.sandbox_id, shared_dir=self.shared_dir,
+                                     state_dir=self.dir / "vm")
+            t0 = time.monotonic()
+            await self.hypervisor.start_vm(vmcfg)
+            self.times.vm_start_s = time.monotonic() - t0
+            self.record.vmm_pid = self.vmm_pid
+            self.record.save()
+
+            t0 = time.monotonic()
+            await self._connect_agent()
+            self.times.agent_connect_s = time.monotonic() - t0
+
+            from katapy.agent_client.types import Storage
+
+            t0 = time.monotonic()
+            share = Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
+                            mount_point=GUEST_SHARED_DIR)
+            await self.agent.create_sandbox(hostname=hostname, dns=dns, sandbox_id=self.sandbox_id,
+                                            storages=[share])
+            self.times.create_sandbox_s = time.monotonic() - t0
+        except BaseException as exc:
+            self._log.error("sandbox start failed", error=str(exc))
+            with trio.CancelScope(shield=True):
+                await self.stop()
+            raise
+        self._log.info("sandbox started", backend=self.hypervisor.name, vmm_pid=self.record.vmm_pid,
+                       vm_start_s=round(self.times.vm_start_s, 3),
+                       agent_connect_s=round(self.times.agent_connect_s, 3),
+                       create_sandbox_s=round(self.times.create_sandbox_s, 3))
+
+    async def _connect_agent(self) -> None:
+        from katapy.agent_client import AgentClient
+
+        assert self.hypervisor is not None
+        cm = await AgentClient.connect(self.hypervisor.agent_socket(), port=self.config.agent.port,
+                                       timeout=self.config.agent.dial_timeout)
+        self.agent = await cm.__aenter__()
+        self._agent_cm = cm
+
+    async def watch_vm(self, on_exit: Callable[[VmExit], Awaitable[None]]) -> None:
+        """Wait for the VM to end; an unexpected end calls ``on_exit`` (processes are then lost)."""
+        assert self.hypervisor is not None
+        exit_ = await self.hypervisor.wait_exit()
+        self.vm_exit = exit_
+        if not self._stopping:
+            self._log.error("sandbox VM ended unexpectedly", reason=exit_.reason, detail=exit_.detail,
+                            console_tail=exit_.console_tail[-400:])
+            await on_exit(exit_)
+
+    async def watch_oom(self, on_oom: Callable[[str], None]) -> None:
+        """Long-poll the agent's OOM events (GetOOMEvent) until the sandbox stops."""
+        while not self._stopping and self.agent is not None:
+            try:
+                cid = await self.agent.get_oom_event()
+            except Exception as exc:
+                if not self._stopping:
+                    self._log.info("oom watch ended", reason=str(exc))
+                return
+            if cid:
+                on_oom(cid)
+
+    async def stop(self) -> None:
+        """Tear the sandbox down: agent, VM, cgroup, share, state.  Idempotent; never raises for a dead VM."""
+        if self._stopped:
+            return
+        self._stopping = True
+        with trio.CancelScope(shield=True):
+            if self.agent is not None:
+                with trio.move_on_after(AGENT_SHUTDOWN_TIMEOUT_S):
+                    try:
+                        await self.agent.destroy_sandbox()
+                    except Exception as exc:
+                        self._log.info("destroy_sandbox failed", reason=str(exc))
+                try:
+                    await self._agent_cm.__aexit__(None, None, None)
+                except Exception as exc:
+                    self._log.info("agent close failed", reason=str(exc))
+                self.agent = None
+            if self.hypervisor is not None:
+                try:
+                    await self.hypervisor.stop_vm()
+                except Exception as exc:
+                    self._log.info("stop_vm failed", reason=str(exc))
+                await self.hypervisor.cleanup()
+            self._release_host()
+        self._stopped = True
+        self._log.info("sandbox stopped")
+
+    def _release_host(self) -> None:
+        mounts.unmount_all_under(self.shared_dir)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.leave(os.getpid())
+                self.cgroup.kill_all(exclude={os.getpid()})
+                self.cgroup.destroy()
+            except CgroupError as exc:
+                self._log.error("sandbox cgroup cleanup failed", error=str(exc))
+        if not mounts.mount_points_under(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            self._log.error("sandbox directory still has mounts; left in place", dir=str(self.dir))
