@@ -1,0 +1,161 @@
+"""The builtin backend: drives ``katapy.vmm.api.Vmm`` (vCPU and device threads in this process).
+
+The VMM's calls are synchronous and may block (building the VM, joining vCPU
+threads), so each runs in a trio worker thread.  The sandbox devices (vsock,
+virtio-fs) are added in-process on the VMM's virtio-mmio transport; the agent
+is reached through the vsock device's hybrid-vsock socket
+``<state_dir>/vsock.sock``, as with the qemu backend.
+
+Whatever ends the VM — guest power-off or reset, a guest panic (``panic=-1``
+makes it a reset), a triple fault, an exception inside the VMM — comes back
+from ``Vmm.wait`` and becomes a :class:`VmExit`; nothing is left waiting.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from typing import Any
+
+import trio
+
+from katapy import log
+from katapy.hypervisor.base import (
+    Device,
+    HypervisorError,
+    UnsupportedError,
+    VmConfig,
+    VmExit,
+    VmState,
+    panic_line,
+    read_tail,
+)
+from katapy.hypervisor.common import SandboxVm
+from katapy.hypervisor.devices import sandbox_devices
+
+_log = log.get("hypervisor.builtin")
+
+
+def classify_exit(reason: object, stopping: bool, console: str) -> VmExit:
+    """Turn what ``Vmm.wait`` returned (an enum, a string or an exception) into a VmExit."""
+    text = str(getattr(reason, "value", reason) or "").lower()
+    detail = str(reason)
+    if stopping:
+        return VmExit("stopped", detail, None, console)
+    panic = panic_line(console)
+    if panic:
+        return VmExit("guest-panic", panic, None, console)
+    if isinstance(reason, BaseException) or "error" in text or "fail" in text:
+        return VmExit("vmm-error", detail, None, console)
+    if "panic" in text:
+        return VmExit("guest-panic", detail, None, console)
+    if "reset" in text or "reboot" in text or "triple" in text:
+        return VmExit("guest-reset", detail, None, console)
+    return VmExit("guest-shutdown", detail, None, console)
+
+
+class BuiltinHypervisor(SandboxVm):
+    name = "builtin"
+    vmm_label = "the builtin VMM"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._vmm: Any = None
+        self._exit: VmExit | None = None
+        self._stopping = False
+        self._started = False  # Vmm.start() returned: there are threads to stop and wait for
+        self._exit_lock = trio.Lock()
+
+    async def start_vm(self, cfg: VmConfig) -> None:
+        self._check_start(cfg)
+        try:
+            vmm_cls = importlib.import_module("katapy.vmm.api").Vmm
+        except (ImportError, AttributeError) as exc:
+            raise HypervisorError(f"the builtin backend needs katapy.vmm.api.Vmm: {exc}") from None
+        t0 = time.monotonic()
+        cfg.state_dir.mkdir(mode=0o700, parents=True)
+        self.cfg = cfg
+        try:
+            await trio.to_thread.run_sync(self._build, vmm_cls, cfg)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self.cleanup()
+            if isinstance(exc, Exception) and not isinstance(exc, HypervisorError):
+                raise HypervisorError(f"start_vm: the VMM failed: {exc}") from exc
+            raise
+        self._times["running_s"] = time.monotonic() - t0
+        self._state = VmState.RUNNING
+        _log.info("vm running", sandbox=cfg.sandbox_id, **self._times)
+
+    def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
+        vmm = self._vmm = vmm_cls()
+        vmm.configure_machine(cfg.vcpus, cfg.memory_mib)
+        vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline())
+        vmm.add_serial_output(cfg.console_path)
+        self._devices = sandbox_devices(cfg)
+        for dev in self._devices:
+            vmm.add_device(dev.device)
+        vmm.start()
+        self._started = True
+
+    async def stop_vm(self) -> None:
+        if not self._started:
+            return
+        self._stopping = True
+        await trio.to_thread.run_sync(self._vmm.stop)
+        await self.wait_exit()
+
+    async def pause_vm(self) -> None:
+        self._need("pause_vm", VmState.RUNNING)
+        await trio.to_thread.run_sync(self._vmm.pause)
+        self._state = VmState.PAUSED
+
+    async def resume_vm(self) -> None:
+        self._need("resume_vm", VmState.PAUSED)
+        await trio.to_thread.run_sync(self._vmm.resume)
+        self._state = VmState.RUNNING
+
+    async def add_device(self, dev: Device) -> None:
+        raise UnsupportedError(f"add_device {dev.dev_id}: the builtin VMM has no block/net device plumbing yet")
+
+    async def remove_device(self, dev_id: str) -> None:
+        raise UnsupportedError(f"remove_device {dev_id}: the builtin VMM has no device hot-unplug")
+
+    def state(self) -> VmState:
+        if self._exit is not None:
+            return VmState.STOPPED
+        return self._state
+
+    async def wait_exit(self) -> VmExit:
+        if not self._started or self.cfg is None:
+            raise HypervisorError("wait_exit: the VM was never started")
+        if self._exit is not None:
+            return self._exit
+        try:
+            reason: object = await trio.to_thread.run_sync(self._vmm.wait, None, abandon_on_cancel=True)
+        except Exception as exc:  # the VMM's own failure is an exit reason, not our crash
+            reason = exc
+        async with self._exit_lock:
+            if self._exit is None:
+                self._exit = classify_exit(reason, self._stopping, read_tail(self.cfg.console_path))
+                self._state = VmState.STOPPED
+                _log.info("vm exited", sandbox=self.cfg.sandbox_id, reason=self._exit.reason, detail=self._exit.detail)
+        return self._exit
+
+    async def cleanup(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self._vmm is not None and self._exit is None:
+                self._stopping = True
+                try:
+                    # stop() also releases what a VMM that never started holds (memory, KVM fds)
+                    await trio.to_thread.run_sync(self._vmm.stop)
+                    if self._started:
+                        with trio.move_on_after(10):
+                            await self.wait_exit()
+                except Exception as exc:
+                    _log.error("VMM stop failed during cleanup", error=repr(exc))
+            self._close_devices()
+            if self._state is not VmState.NOT_STARTED:
+                self._state = VmState.STOPPED
+            if self.cfg is not None:
+                shutil.rmtree(self.cfg.state_dir, ignore_errors=True)

@@ -1,0 +1,85 @@
+"""What both backends share: state checks, the sandbox devices' teardown, fixed-size resources."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from katapy import log
+from katapy.hypervisor.base import Hypervisor, HypervisorError, UnsupportedError, VmConfig, VmState
+from katapy.hypervisor.devices import SandboxDevice
+
+_log = log.get("hypervisor")
+
+
+class SandboxVm(Hypervisor):
+    """Base of the builtin and qemu backends (one VM per instance, started once)."""
+
+    #: how messages name the VMM, e.g. "QEMU microvm"
+    vmm_label = ""
+
+    def __init__(self) -> None:
+        self.cfg: VmConfig | None = None
+        self._state = VmState.NOT_STARTED
+        self._devices: list[SandboxDevice] = []
+        self._times: dict[str, float] = {}
+
+    def _check_start(self, cfg: VmConfig) -> None:
+        """Refuse a second start, missing boot files and a state directory that exists."""
+        if self._state is not VmState.NOT_STARTED:
+            raise HypervisorError(f"start_vm: VM is {self._state.value}; a {type(self).__name__} starts one VM once")
+        for what, p in (("kernel", cfg.kernel), ("initrd", cfg.initrd)):
+            if not p.is_file():
+                raise HypervisorError(f"start_vm: {what} {p} does not exist")
+        if cfg.shared_dir is not None and not cfg.shared_dir.is_dir():
+            raise HypervisorError(f"start_vm: shared_dir {cfg.shared_dir} is not a directory")
+        if cfg.state_dir.exists():
+            raise HypervisorError(f"start_vm: state_dir {cfg.state_dir} already exists (another sandbox?)")
+
+    def _need(self, op: str, want: VmState) -> None:
+        state = self.state()
+        if state is not want:
+            raise HypervisorError(f"{op}: VM is {state.value}, not {want.value}")
+
+    async def resize_vcpus(self, n: int) -> int:
+        current = self.cfg.vcpus if self.cfg else 0
+        if n == current:
+            return current
+        raise UnsupportedError(f"resize_vcpus {current} -> {n}: {self.vmm_label} has no CPU hotplug")
+
+    async def resize_memory(self, mib: int) -> int:
+        current = self.cfg.memory_mib if self.cfg else 0
+        if mib == current:
+            return current
+        raise UnsupportedError(f"resize_memory {current} -> {mib} MiB: {self.vmm_label} has no memory hotplug")
+
+    def agent_socket(self) -> Path:
+        if self.cfg is None:
+            raise HypervisorError("agent_socket: the VM was never started")
+        return self.cfg.vsock_path
+
+    def metrics(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {"backend": self.name, "state": self.state().value}
+        out.update(self._times)
+        if self.cfg is not None:
+            try:
+                out["console_bytes"] = self.cfg.console_path.stat().st_size
+            except OSError:
+                pass
+        return out
+
+    def console_log(self) -> str:
+        """What the guest printed on its serial console so far."""
+        if self.cfg is None:
+            return ""
+        try:
+            return self.cfg.console_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _close_devices(self) -> None:
+        """Close the sandbox devices' back ends (sockets, files); each failure is logged, none stops the rest."""
+        devices, self._devices = self._devices, []
+        for dev in devices:
+            try:
+                dev.device.close()
+            except Exception as exc:
+                _log.error("device close failed", device=dev.dev_id, error=repr(exc))
