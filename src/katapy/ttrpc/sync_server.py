@@ -32,16 +32,8 @@ import threading
 import time
 from collections.abc import Mapping
 
-from katapy.ttrpc import frame
-from katapy.ttrpc.dispatch import (
-    Call,
-    Method,
-    Registry,
-    error_response,
-    outcome_response,
-    oversize_response,
-    prepare,
-)
+from katapy.ttrpc import dispatch, frame
+from katapy.ttrpc.dispatch import Call, Method, Registry
 from katapy.ttrpc.errors import Code, TtrpcError
 
 RECEIVE_SIZE = 64 * 1024
@@ -196,10 +188,10 @@ class _Connection:
         for event in events:
             if isinstance(event, frame.OversizeFrame):
                 self._log.warning("ttrpc oversize frame discarded (stream %d)", event.stream_id)
-                self._send(oversize_response(event))
+                self._send(dispatch.oversize_response(event))
                 continue
             with self._state_lock:
-                prepared = prepare(self._registry, event, self._active.__contains__)
+                prepared = dispatch.prepare(self._registry, event, self._active.__contains__)
                 if isinstance(prepared, Call):
                     state = _CallState(prepared)
                     self._active[prepared.stream_id] = state
@@ -237,7 +229,7 @@ class _Connection:
         if not state.claim():
             return  # the deadline (or connection close) answered already
         self._finish(call.stream_id)
-        self._send(outcome_response(call.stream_id, result, error))
+        self._send(dispatch.outcome_response(call.stream_id, result, error))
 
     def _watch_deadlines(self) -> None:
         with self._state_lock:
@@ -255,7 +247,7 @@ class _Connection:
                     continue
                 state.call.context.cancelled.set()
                 self._active.pop(state.call.stream_id, None)
-                reply = error_response(state.call.stream_id, Code.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE)
+                reply = dispatch.error_response(state.call.stream_id, Code.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE)
                 self._state_lock.release()
                 try:
                     self._send(reply)
