@@ -192,10 +192,12 @@ class QemuHypervisor(SandboxVm):
         servers, self._servers = self._servers, []
         for server in servers:
             try:
-                server.stop()
+                server.stop()  # also closes its device
             except Exception as exc:  # one failing back end must not keep the others running
                 _log.error("vhost-user server stop failed", error=repr(exc))
-        self._close_devices()
+        served = {id(server.device) for server in servers}
+        self._devices = [d for d in self._devices if id(d.device) not in served]
+        self._close_devices()  # devices whose server never started
 
     async def cleanup(self) -> None:
         with trio.CancelScope(shield=True):
