@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from katapy import paths
@@ -48,6 +48,7 @@ class HarnessResult:
     console: str  # the whole L1 console
     seconds: float
     timed_out: bool = False
+    files: dict[str, bytes] = field(default_factory=dict)  # what the command left in /run/katapy-harness
 
 
 def _init_script(workdir: str) -> str:
@@ -166,7 +167,11 @@ def run_in_kvm_vm(
             proc.stdout.close()
         console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
         seconds = time.monotonic() - t0
-        return _result(console, seconds, timed_out, proc.returncode)
+        result = _result(console, seconds, timed_out, proc.returncode)
+        for f in scratch.iterdir():
+            if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
+                result.files[f.name] = f.read_bytes()
+        return result
 
 
 def _result(console: str, seconds: float, timed_out: bool, qemu_rc: int) -> HarnessResult:

@@ -1,0 +1,149 @@
+"""pytest plugin: tests marked ``kvm`` run where /dev/kvm is hardware-style KVM.
+
+* On a host with hardware KVM (vmx/svm), or inside the harness's L1 VM
+  (``KATAPY_IN_HARNESS=1``), they run directly.
+* Elsewhere (kvm-pvm, or no /dev/kvm) they are delegated: the first one to run
+  boots the nested KVM harness once and runs every collected ``kvm`` test in
+  it (``python -m pytest <node ids>`` inside the L1 VM, results as JUnit XML
+  in the harness's scratch directory); each test here then reports the
+  outcome it had there, its failure text included.
+* Without QEMU or the harness kernel they are skipped, saying which is missing.
+
+The terminal summary states which case ran, so a report never leaves it open.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import pytest
+
+_STATE: dict[str, object] = {}
+
+
+@dataclass
+class InnerOutcome:
+    outcome: str  # passed | failed | skipped | error | missing
+    message: str
+
+
+def _mode() -> tuple[str, str]:
+    """('direct' | 'harness' | 'unavailable', words)."""
+    if os.environ.get("KATAPY_IN_HARNESS") == "1":
+        return "direct", "inside the nested KVM harness (L1 VM under QEMU TCG, kvm_amd)"
+    from katapy.vmm.kvm.host import kvm_flavor
+
+    flavor = kvm_flavor()
+    if flavor.startswith("hardware"):
+        return "direct", f"directly on this host's hardware KVM ({flavor})"
+    from katapy.testing import harness
+
+    ok, why = harness.available()
+    if ok:
+        return "harness", f"delegated to the nested KVM harness (host KVM is {flavor})"
+    return "unavailable", f"host KVM is {flavor} and the nested KVM harness cannot run: {why}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvm: needs hardware-style KVM (runs in the nested harness elsewhere)")
+
+
+class HarnessItem(pytest.Item):
+    """Stands for a ``kvm`` test that runs inside the harness VM."""
+
+    def __init__(self, *, original_nodeid: str, **kw):
+        super().__init__(**kw)
+        self.original_nodeid = original_nodeid
+
+    def runtest(self) -> None:
+        results = _run_delegated(self.session)
+        r = results.get(self.original_nodeid, InnerOutcome("missing", "the harness run reported nothing for it"))
+        if r.outcome == "passed":
+            return
+        if r.outcome == "skipped":
+            pytest.skip(f"[in nested KVM harness] {r.message}")
+        pytest.fail(f"[in nested KVM harness] {r.outcome}:\n{r.message}", pytrace=False)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.original_nodeid} [nested KVM harness]"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    kvm_items = [i for i in items if i.get_closest_marker("kvm")]
+    if not kvm_items:
+        return
+    mode, words = _mode()
+    _STATE["mode"], _STATE["words"], _STATE["count"] = mode, words, len(kvm_items)
+    if mode == "direct":
+        return
+    if mode == "unavailable":
+        for i in kvm_items:
+            i.add_marker(pytest.mark.skip(reason=words))
+        return
+    _STATE["nodeids"] = [i.nodeid for i in kvm_items]
+    for idx, i in enumerate(items):
+        if i in kvm_items:
+            new = HarnessItem.from_parent(i.parent, name=i.name, original_nodeid=i.nodeid)
+            for m in i.iter_markers():
+                new.add_marker(m)
+            items[idx] = new
+
+
+def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
+    if "results" in _STATE:
+        return _STATE["results"]  # type: ignore[return-value]
+    from katapy import paths
+    from katapy.testing.harness import run_in_kvm_vm
+
+    nodeids: list[str] = _STATE["nodeids"]  # type: ignore[assignment]
+    py = os.path.relpath(sys.executable, paths.REPO_ROOT) if sys.executable.startswith(str(paths.REPO_ROOT)) else sys.executable
+    args = " ".join(f"'{n}'" for n in nodeids)
+    cmd = f"{py} -m pytest -p no:cacheprovider -q -rA --junitxml=/run/katapy-harness/junit.xml {args}"
+    timeout = float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "1500"))
+    result = run_in_kvm_vm(cmd, timeout=timeout)
+    _STATE["harness_seconds"] = result.seconds
+    outcomes: dict[str, InnerOutcome] = {}
+    junit = result.files.get("junit.xml")
+    if junit:
+        outcomes = _parse_junit(junit.decode(errors="replace"), nodeids)
+    if not outcomes:
+        tail = "\n".join(result.output.splitlines()[-60:])
+        for n in nodeids:
+            outcomes[n] = InnerOutcome("error", f"the harness run gave no results (exit {result.returncode}):\n{tail}")
+    _STATE["results"] = outcomes
+    return outcomes
+
+
+def _parse_junit(text: str, nodeids: list[str]) -> dict[str, InnerOutcome]:
+    root = ET.fromstring(text)
+    by_key: dict[tuple[str, str], InnerOutcome] = {}
+    for tc in root.iter("testcase"):
+        key = (tc.get("classname", ""), tc.get("name", ""))
+        outcome, msg = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = tc.find(tag)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                msg = (el.get("message") or "") + ("\n" + el.text if el.text and tag != "skipped" else "")
+                break
+        by_key[key] = InnerOutcome(outcome, msg.strip())
+    out: dict[str, InnerOutcome] = {}
+    for n in nodeids:
+        path, _, name = n.partition("::")
+        cls_parts = name.split("::")
+        func = cls_parts[-1]
+        classname = path[:-3].replace("/", ".") + ("." + ".".join(cls_parts[:-1]) if len(cls_parts) > 1 else "")
+        if (classname, func) in by_key:
+            out[n] = by_key[(classname, func)]
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if "mode" not in _STATE:
+        return
+    line = f"kvm-marked tests ({_STATE['count']}): {_STATE['words']}"
+    if "harness_seconds" in _STATE:
+        line += f"; harness run took {_STATE['harness_seconds']:.0f} s"
+    terminalreporter.write_sep("-", line)
