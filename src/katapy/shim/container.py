@@ -5,8 +5,8 @@ Each container's rootfs and volumes are prepared on the host (``katapy.resource`
 and the spec handed to the agent says where the guest sees them.  A process
 moves CREATED -> RUNNING (<-> PAUSED) -> STOPPED; its exit is recorded only
 after its output was drained, then TaskExit is published and waiters wake.
-Task pids are the VMM's host pid (as Kata reports them); ``Pids`` lists the
-guest pids the agent returned.
+Task pids are the VMM's host pid (as Kata reports them); so is each row of
+``Pids`` (the agent API returns no guest pid for StartContainer/ExecProcess).
 """
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ class ContainerManager:
 
     def pids(self, cid: str) -> t.ProcessList:
         c = self.get(cid)
-        rows = [t.ProcessEntry(p.guest_pid, p.exec_id) for p in [c.init, *c.execs.values()]
+        rows = [t.ProcessEntry(p.guest_pid or self.task_pid, p.exec_id) for p in [c.init, *c.execs.values()]
                 if p.status in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED)]
         return t.ProcessList(tuple(rows))
 
@@ -276,11 +276,17 @@ class ContainerManager:
             raise FailedPrecondition(f"container {req.id} is stopped")
         await self.sandbox.agent.update_container(req.id, req.resources)
 
-    async def stats(self, cid: str) -> Any:
+    async def stats(self, cid: str) -> t.Stats:
         c = self.get(cid)
         if c.init.status not in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED):
             raise FailedPrecondition(f"container {cid} is {c.init.status.name.lower()}; no stats")
-        return await self.sandbox.agent.stats_container(cid)
+        raw = await self.sandbox.agent.stats_container(cid)
+        return t.Stats(
+            cpu_usage_usec=raw.cpu.total_usage_ns // 1000, cpu_user_usec=raw.cpu.user_ns // 1000,
+            cpu_system_usec=raw.cpu.kernel_ns // 1000, memory_usage=raw.memory.usage,
+            memory_limit=raw.memory.limit, memory_max_usage=raw.memory.max_usage,
+            memory_stat=dict(raw.memory.stats), pids_current=raw.pids_current, pids_limit=raw.pids_limit,
+        )
 
     async def resize_pty(self, req: t.ResizePty) -> None:
         proc = self.get(req.id).process(req.exec_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,31 +70,31 @@ def run(args: ShimArgs) -> int:
         return 0
     sock = _listen(path)
     try:
-        _ensure_fd3(sock)
-        with open(os.devnull, "r+b") as devnull:
-            proc = subprocess.Popen(
-                daemon_command(args, path), cwd=bundle, stdin=devnull, stdout=devnull, stderr=devnull,
-                pass_fds=(LISTENER_FD,), start_new_session=True, close_fds=True,
-            )
+        pid = _spawn_daemon(daemon_command(args, path), bundle, sock.fileno())
     except BaseException:
         sock.close()
         path.unlink(missing_ok=True)
         raise
     sock.close()
     addr.write_address(bundle, address)
-    addr.write_pid(bundle, proc.pid)
+    addr.write_pid(bundle, pid)
     sys.stdout.write(address)
     return 0
 
 
 
-def _ensure_fd3(sock: socket.socket) -> None:
-    """Put the listener at fd 3 (Go's ExtraFiles[0]) so the daemon finds it there."""
-    if sock.fileno() == LISTENER_FD:
-        return
+
+def _spawn_daemon(cmd: list[str], bundle: Path, listener_fd: int) -> int:
+    """posix_spawn the daemon in a new session: listener at fd 3 (Go's ExtraFiles[0]), stdio on /dev/null.
+
+    Every other descriptor of this process is close-on-exec (Python's default),
+    so the daemon inherits neither containerd's output pipes nor anything else.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        os.fstat(LISTENER_FD)
-    except OSError:
-        os.dup2(sock.fileno(), LISTENER_FD, inheritable=False)
-        return
-    raise RuntimeError(f"fd {LISTENER_FD} is already in use; cannot hand the listener to the daemon")
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
+        actions.append((os.POSIX_SPAWN_DUP2, listener_fd, LISTENER_FD))
+        os.chdir(bundle)  # the daemon opens the bundle's log FIFO relative to its cwd
+        return os.posix_spawn(cmd[0], cmd, dict(os.environ), file_actions=actions, setsid=True)
+    finally:
+        os.close(devnull)

@@ -1,0 +1,148 @@
+"""A private containerd 1.6 for the shim tests: own config, root, state, grpc and ttrpc addresses.
+
+The shim is put on containerd's PATH as a wrapper that runs this checkout's
+``katapy.shim.main`` with the venv's Python; katapy's state goes under the
+test directory (KATAPY_STATE), so nothing is shared with a system install.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{address}"
+[ttrpc]
+  address = "{address}.ttrpc"
+[debug]
+  level = "{level}"
+"""
+
+
+class PrivateContainerd:
+    def __init__(self, base: Path, extra_env: dict[str, str] | None = None, level: str = "info") -> None:
+        self.base = base
+        self.root = base / "root"
+        self.state = base / "state"
+        self.address = str(base / "c.sock")
+        self.bin = base / "bin"
+        self.katapy_state = base / "katapy"
+        self.log_path = base / "containerd.log"
+        self.extra_env = extra_env or {}
+        self.level = level
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.namespace = "katapytest"
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.address + ".ttrpc"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{self.bin}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        env["PYTHONPATH"] = str(REPO / "src")
+        env["KATAPY_STATE"] = str(self.katapy_state)
+        env.update(self.extra_env)
+        return env
+
+    def install_shim(self) -> None:
+        self.bin.mkdir(parents=True, exist_ok=True)
+        wrapper = self.bin / "containerd-shim-katapy-v2"
+        wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO / 'src'} exec {sys.executable} -m katapy.shim.main \"$@\"\n")
+        wrapper.chmod(0o755)
+
+    def start(self) -> None:
+        self.install_shim()
+        for d in (self.root, self.state, self.katapy_state):
+            d.mkdir(parents=True, exist_ok=True)
+        cfg = self.base / "config.toml"
+        cfg.write_text(CONFIG.format(root=self.root, state=self.state, address=self.address, level=self.level))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log, stderr=log,
+                                     env=self.env(), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"containerd exited: {self.log_path.read_text()[-2000:]}")
+            if self.ctr("version", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("containerd did not answer within 30 s")
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = b"",
+            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = ["ctr", "--address", self.address, "--namespace", namespace or self.namespace, *args]
+        res = subprocess.run(cmd, capture_output=True, timeout=timeout, env=self.env(), input=input)
+        out = subprocess.CompletedProcess(cmd, res.returncode, res.stdout.decode(errors="replace"),
+                                          res.stderr.decode(errors="replace"))
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}): {out.stdout}{out.stderr}")
+        return out
+
+    def import_image(self, tar: Path) -> None:
+        self.ctr("images", "import", str(tar))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill_shims(self) -> None:
+        """SIGKILL katapy shim daemons started by this containerd (found by their KATAPY_STATE)."""
+        for pid in shim_pids(self.katapy_state):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def unmount_all(self) -> None:
+        """Detach whatever containerd left mounted under the test directory."""
+        points = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                p = line.split()[4]
+                if p.startswith(str(self.base)):
+                    points.append(p)
+        for p in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", p], check=False)
+
+    def cleanup(self) -> None:
+        self.kill_shims()
+        self.stop()
+        self.unmount_all()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def shim_pids(katapy_state: Path) -> list[int]:
+    """Pids of katapy shim processes whose environment names ``katapy_state``."""
+    found = []
+    marker = f"KATAPY_STATE={katapy_state}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if b"katapy.shim.main" not in cmdline:
+                continue
+            if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
