@@ -1,0 +1,187 @@
+"""The built-in VMM's actions as typed in-process calls (the role of Firecracker's API server).
+
+    vmm = Vmm()
+    vmm.configure_machine(vcpus=2, mem_mib=512)
+    vmm.set_boot_source(kernel, initrd, "console=ttyS0 ...")
+    vmm.add_device(VsockDevice(3, uds))
+    vmm.add_serial_output(callback)
+    vmm.start()
+    exit = vmm.wait(timeout=None)   # VmExit(reason=POWEROFF|RESET|TRIPLE_FAULT|...)
+    vmm.stop()                      # always safe, idempotent
+
+All methods are synchronous and thread-safe; the vCPUs and the device loop
+run in threads of their own.  Configuration is only accepted before start().
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+from katapy import log
+from katapy.vmm import builder
+from katapy.vmm.boot.loader import BootProtocol
+from katapy.vmm.config import FlatBoot, KernelBoot, MachineConfig, VmResources
+from katapy.vmm.state import ExitReason, VmExit, VmState
+from katapy.vmm.vcpu import VcpuThread
+from katapy.vmm.virtio.device import VirtioDevice
+
+_log = log.get("vmm.api")
+
+
+class VmmError(RuntimeError):
+    pass
+
+
+class Vmm:
+    def __init__(self) -> None:
+        self.resources = VmResources()
+        self._outputs: list[Callable[[bytes], None]] = []
+        self._lock = threading.Lock()  # serialises start/pause/resume/stop
+        self._exit_lock = threading.Lock()  # the first reason to end wins
+        self._state = VmState.NOT_STARTED
+        self._exit: VmExit | None = None
+        self._ended = threading.Event()
+        self._built: builder.BuiltVm | None = None
+        self._vcpus: list[VcpuThread] = []
+        self._halted: set[int] = set()
+
+    # -- configuration (before start) -----------------------------------------
+    def _configurable(self) -> None:
+        if self._state is not VmState.NOT_STARTED:
+            raise VmmError(f"cannot configure a VM that is {self._state.value}")
+
+    def configure_machine(self, vcpus: int, mem_mib: int) -> None:
+        self._configurable()
+        m = MachineConfig(vcpus, mem_mib)
+        m.validate()
+        self.resources.machine = m
+
+    def set_boot_source(
+        self, kernel: str | Path, initrd: str | Path | None, cmdline: str, protocol: BootProtocol = BootProtocol.LINUX64
+    ) -> None:
+        self._configurable()
+        boot = KernelBoot(Path(kernel), Path(initrd) if initrd else None, cmdline, protocol)
+        boot.validate()
+        self.resources.boot = boot
+
+    def set_flat_boot(self, code: bytes, load_addr: int = 0x1000) -> None:
+        """Boot a flat real-mode binary instead of a kernel (see config.FlatBoot)."""
+        self._configurable()
+        boot = FlatBoot(code, load_addr)
+        boot.validate()
+        self.resources.boot = boot
+
+    def add_device(self, device: VirtioDevice) -> None:
+        self._configurable()
+        self.resources.devices.append(device)
+
+    def add_serial_output(self, output: Callable[[bytes], None]) -> None:
+        """Every byte the guest writes to COM1 goes to ``output`` (called on a vCPU thread)."""
+        self._configurable()
+        self._outputs.append(output)
+
+    # -- life cycle ---------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            self._configurable()
+            outputs = list(self._outputs)
+
+            def serial_output(data: bytes) -> None:
+                for o in outputs:
+                    o(data)
+
+            self.resources.serial_output = serial_output
+            try:
+                self._built = builder.build(self.resources, self._guest_reset)
+            except BaseException:
+                self._state = VmState.STOPPED
+                self._exit = VmExit(ExitReason.ERROR, "build failed")
+                self._ended.set()
+                raise
+            b = self._built
+            b.loop.start()
+            self._vcpus = [VcpuThread(v, b.pio_bus, b.mmio_bus, self._vm_exit, self._vcpu_halted) for v in b.vcpus]
+            self._state = VmState.RUNNING
+            for t in self._vcpus:
+                t.start()
+        _log.info("VM started", vcpus=len(self._vcpus))
+
+    def pause(self) -> None:
+        with self._lock:
+            if self._state is not VmState.RUNNING:
+                raise VmmError(f"cannot pause a VM that is {self._state.value}")
+            ok = all([t.pause() for t in self._vcpus])
+            if not ok:
+                raise VmmError("a vCPU did not pause in time")
+            self._state = VmState.PAUSED
+
+    def resume(self) -> None:
+        with self._lock:
+            if self._state is not VmState.PAUSED:
+                raise VmmError(f"cannot resume a VM that is {self._state.value}")
+            for t in self._vcpus:
+                t.resume()
+            self._state = VmState.RUNNING
+
+    def stop(self) -> None:
+        """Stop the vCPUs, release KVM, memory and devices.  Idempotent."""
+        self._finish(VmExit(ExitReason.STOPPED, "stop requested"))
+        with self._lock:
+            for t in self._vcpus:
+                t.stop()
+            for t in self._vcpus:
+                if not t.join(timeout=10):
+                    _log.error("vCPU thread did not stop", vcpu=t.index)
+            if self._built is not None and all(not t.alive for t in self._vcpus):
+                self._built.close()
+                self._built = None
+            self._state = VmState.STOPPED
+
+    def state(self) -> VmState:
+        return self._state
+
+    def wait(self, timeout: float | None = None) -> VmExit | None:
+        """Block until the VM ends (None on timeout); the VMM keeps its resources until stop()."""
+        if not self._ended.wait(timeout):
+            return None
+        return self._exit
+
+    # -- host-side access ---------------------------------------------------------
+    def serial_input(self, data: bytes) -> int:
+        b = self._built
+        return b.serial.enqueue_input(data) if b is not None else 0
+
+    @property
+    def cmdline(self) -> str:
+        return self._built.cmdline if self._built is not None else ""
+
+    @property
+    def built(self) -> builder.BuiltVm | None:
+        """The running VM's parts (memory, buses, devices) for diagnostics and tests."""
+        return self._built
+
+    # -- events from vCPU threads and devices ----------------------------------------
+    def _finish(self, exit_: VmExit) -> bool:
+        with self._exit_lock:
+            if self._ended.is_set():
+                return False
+            self._exit = exit_
+            self._ended.set()
+            return True
+
+    def _vm_exit(self, exit_: VmExit) -> None:
+        if self._finish(exit_):
+            _log.info("VM ended", reason=exit_.reason.value, detail=exit_.detail, vcpu=exit_.vcpu)
+            # Park the other vCPUs; stop() (from the owner) releases everything.
+            for t in self._vcpus:
+                if t.index != exit_.vcpu:
+                    t.stop()
+
+    def _guest_reset(self) -> None:
+        self._vm_exit(VmExit(ExitReason.RESET, "i8042 reset line"))
+
+    def _vcpu_halted(self, index: int) -> None:
+        self._halted.add(index)
+        if len(self._halted) == len(self._vcpus):
+            self._vm_exit(VmExit(ExitReason.HALTED, "all vCPUs executed HLT", index))

@@ -1,0 +1,82 @@
+"""What the user asked the VMM for (Firecracker's resources.rs): plain data, checked, no KVM state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from katapy.vmm.boot.loader import BootProtocol
+from katapy.vmm.virtio.device import VirtioDevice
+
+MAX_VCPUS = 254  # MP table limit (APIC ids are 8 bits, one is the IOAPIC's)
+MIN_MEM_MIB = 2
+
+#: Command-line parameters that suit the built-in VMM's legacy devices (no PCI, one UART,
+#: an i8042 without keyboard/mouse, reboot through the i8042 reset line).
+LEGACY_KERNEL_PARAMS = "reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MachineConfig:
+    vcpus: int = 1
+    mem_mib: int = 128
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vcpus={self.vcpus}: must be 1..{MAX_VCPUS}")
+        if self.mem_mib < MIN_MEM_MIB:
+            raise ConfigError(f"mem_mib={self.mem_mib}: must be at least {MIN_MEM_MIB}")
+
+
+@dataclass
+class KernelBoot:
+    """A Linux kernel (ELF vmlinux or bzImage) with optional initrd."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    protocol: BootProtocol = BootProtocol.LINUX64
+
+    def validate(self) -> None:
+        for p in (self.kernel, self.initrd):
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(f"{p}: no such file")
+
+
+@dataclass
+class FlatBoot:
+    """A flat binary entered in 16-bit real mode at ``load_addr`` (all vCPUs start runnable there).
+
+    For firmware-like payloads and the VMM's own tests: no boot structures are written.
+    """
+
+    code: bytes
+    load_addr: int = 0x1000
+
+    def validate(self) -> None:
+        if not self.code:
+            raise ConfigError("flat boot image is empty")
+        if self.load_addr < 0x500 or self.load_addr + len(self.code) > 0xA0000:
+            raise ConfigError("flat boot image must lie between 0x500 and 640 KiB")
+
+
+BootSource = KernelBoot | FlatBoot
+
+
+@dataclass
+class VmResources:
+    machine: MachineConfig = field(default_factory=MachineConfig)
+    boot: BootSource | None = None
+    devices: list[VirtioDevice] = field(default_factory=list)
+    serial_output: Callable[[bytes], None] | None = None
+    in_kernel_irqchip: bool = True
+
+    def validate(self) -> None:
+        self.machine.validate()
+        if self.boot is None:
+            raise ConfigError("no boot source set")
+        self.boot.validate()

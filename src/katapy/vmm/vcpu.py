@@ -1,0 +1,200 @@
+"""vCPU threads: each runs KVM_RUN in its own thread (GIL released) and routes exits to the buses.
+
+Stopping and pausing use the kick protocol from api.rst (KVM_RUN,
+"immediate_exit"): the requester first records what it wants, then sets
+``kvm_run.immediate_exit`` and sends the thread a real-time signal whose
+handler does nothing.  Either the signal interrupts a KVM_RUN in progress
+(EINTR) or immediate_exit makes the next one return at once, so a request
+can never be lost in the window before the thread enters the guest.  The
+thread clears immediate_exit only after KVM_RUN has returned EINTR, and
+then looks at its requests again.
+
+Exits: port I/O and MMIO go to the buses (a device that raises is logged and
+reads as all-ones: a device bug never kills a vCPU); HLT (only seen without
+an in-kernel LAPIC) parks this vCPU; shutdown, system events and errors end
+the VM through ``on_exit``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable
+
+from katapy import log
+from katapy.vmm.bus import Bus
+from katapy.vmm.kvm import exits
+from katapy.vmm.kvm.consts import (
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+    install_kick_signal,
+)
+from katapy.vmm.kvm.vcpu import VcpuFd
+from katapy.vmm.state import ExitReason, VmExit
+
+_log = log.get("vmm.vcpu")
+
+KICK_SIGNAL = signal.SIGRTMIN + 4
+_kick_installed = False
+_kick_lock = threading.Lock()
+
+
+def _ensure_kick_handler() -> None:
+    global _kick_installed
+    with _kick_lock:
+        if not _kick_installed:
+            install_kick_signal(KICK_SIGNAL)
+            _kick_installed = True
+
+
+class VcpuThread:
+    def __init__(
+        self,
+        vcpu: VcpuFd,
+        pio_bus: Bus,
+        mmio_bus: Bus,
+        on_exit: Callable[[VmExit], None],
+        on_halt: Callable[[int], None] | None = None,
+    ):
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self._on_exit = on_exit
+        self._on_halt = on_halt or (lambda index: None)
+        self._cond = threading.Condition()
+        self._stop = False
+        self._pause = False
+        self.paused = False
+        self.exit_count = 0
+        self._thread: threading.Thread | None = None
+        _ensure_kick_handler()
+
+    # -- control (from other threads) ------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"katapy-vcpu{self.index}", daemon=True)
+        self._thread.start()
+
+    def _kick(self) -> None:
+        self.vcpu.set_immediate_exit(True)
+        t = self._thread
+        if t is not None and t.is_alive() and t.ident is not None:
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Ask the vCPU to leave the guest and wait there; True once it is parked."""
+        with self._cond:
+            if not self.alive:
+                return True
+            self._pause = True
+        self._kick()
+        with self._cond:
+            return self._cond.wait_for(lambda: self.paused or not self.alive, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._kick()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the thread ---------------------------------------------------------------
+    def _wait_while_paused(self) -> bool:
+        """Park while a pause is requested; False when the thread must end."""
+        with self._cond:
+            while self._pause and not self._stop:
+                self.paused = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self.paused = False
+            return not self._stop
+
+    def _run(self) -> None:
+        try:
+            while self._wait_while_paused():
+                exit_ = self.vcpu.run()
+                if isinstance(exit_, exits.Interrupted):
+                    self.vcpu.set_immediate_exit(False)
+                    continue
+                self.exit_count += 1
+                outcome = self._handle(exit_)
+                if outcome is not None:
+                    if outcome.reason is ExitReason.HALTED:
+                        self._on_halt(self.index)
+                    else:
+                        self._on_exit(outcome)
+                    return
+        except Exception as exc:
+            _log.error("vCPU thread failed", vcpu=self.index, error=repr(exc), exc_info=True)
+            self._on_exit(VmExit(ExitReason.ERROR, f"vCPU {self.index}: {exc!r}", self.index))
+        finally:
+            with self._cond:
+                self.paused = False
+                self._cond.notify_all()
+
+    def _handle(self, e: exits.VcpuExit) -> VmExit | None:
+        match e:
+            case exits.IoOut(port=port, size=size, data=data, count=count):
+                for i in range(count):
+                    self._safe_write(self.pio_bus, port, data[i * size : (i + 1) * size])
+            case exits.IoIn(port=port, size=size, count=count):
+                self.vcpu.complete_io_in(b"".join(self._safe_read(self.pio_bus, port, size) for _ in range(count)))
+            case exits.MmioWrite(addr=addr, data=data):
+                self._safe_write(self.mmio_bus, addr, data)
+            case exits.MmioRead(addr=addr, length=length):
+                self.vcpu.complete_mmio_read(self._safe_read(self.mmio_bus, addr, length))
+            case exits.Hlt():
+                return VmExit(ExitReason.HALTED, "HLT", self.index)
+            case exits.Shutdown():
+                return VmExit(ExitReason.TRIPLE_FAULT, "KVM_EXIT_SHUTDOWN", self.index)
+            case exits.SystemEvent(kind=kind):
+                reason = {
+                    KVM_SYSTEM_EVENT_SHUTDOWN: ExitReason.POWEROFF,
+                    KVM_SYSTEM_EVENT_RESET: ExitReason.RESET,
+                    KVM_SYSTEM_EVENT_CRASH: ExitReason.CRASH,
+                }.get(kind, ExitReason.ERROR)
+                return VmExit(reason, f"KVM_EXIT_SYSTEM_EVENT type {kind}", self.index)
+            case exits.InternalError(suberror=sub, data=data):
+                rip = self._rip()
+                return VmExit(ExitReason.ERROR, f"KVM internal error suberror={sub} data={data} rip={rip}", self.index)
+            case exits.FailEntry(reason=reason, cpu=cpu):
+                return VmExit(ExitReason.ERROR, f"VM entry failed: reason={reason:#x} cpu={cpu}", self.index)
+            case exits.Unknown(reason=reason, hardware_reason=hw):
+                return VmExit(ExitReason.ERROR, f"unhandled exit reason {reason} (hw {hw:#x})", self.index)
+        return None
+
+    def _rip(self) -> str:
+        try:
+            return hex(self.vcpu.get_regs().rip)
+        except OSError:
+            return "?"
+
+    def _safe_read(self, bus: Bus, addr: int, length: int) -> bytes:
+        try:
+            return bus.read(addr, length)
+        except Exception as exc:
+            _log.error("device read failed", bus=bus.name, addr=hex(addr), error=repr(exc), exc_info=True)
+            return b"\xff" * length
+
+    def _safe_write(self, bus: Bus, addr: int, data: bytes) -> None:
+        try:
+            bus.write(addr, data)
+        except Exception as exc:
+            _log.error("device write failed", bus=bus.name, addr=hex(addr), error=repr(exc), exc_info=True)
