@@ -192,15 +192,15 @@ class _Connection:
                 continue
             with self._state_lock:
                 prepared = dispatch.prepare(self._registry, event, self._active.__contains__)
-                if isinstance(prepared, Call):
-                    state = _CallState(prepared)
-                    self._active[prepared.stream_id] = state
+                state = _CallState(prepared) if isinstance(prepared, Call) else None
+                if state is not None:
+                    self._active[state.call.stream_id] = state
                     self._arm_deadline(state)
-            if prepared is None:
-                self._log.debug("ttrpc frame ignored (stream %d type %d)", event.stream_id, event.type)
-            elif isinstance(prepared, Call):
-                name = f"ttrpc-{prepared.context.method}-{prepared.stream_id}"
+            if state is not None:
+                name = f"ttrpc-{state.call.context.method}-{state.call.stream_id}"
                 threading.Thread(target=self._run_call, args=(state,), name=name, daemon=True).start()
+            elif prepared is None:
+                self._log.debug("ttrpc frame ignored (stream %d type %d)", event.stream_id, event.type)
             else:
                 self._send(prepared)
 
