@@ -57,3 +57,7 @@ def open_fds() -> set[str]:
         except OSError:
             pass
     return out
+
+
+# the sandbox fixtures (katapy_sandbox: one VM shared by the session; katapy_fresh_sandbox: one per test)
+from katapy.testing.sandbox import _katapy_shared_sandbox, katapy_fresh_sandbox, katapy_sandbox  # noqa: E402,F401

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from katapy import log
 from katapy.hypervisor.base import (
     BlockDevice,
     Device,
@@ -40,6 +41,9 @@ def select(config: KatapyConfig | None = None, name: str | None = None) -> Hyper
 
         config = load()
     decision = decide(name or config.hypervisor.name)
+    log.get("hypervisor").info(
+        "hypervisor selected", backend=decision.name, accel=decision.accel, reason=decision.reason
+    )
     if decision.name == "qemu":
         from katapy.hypervisor.qemu import QemuHypervisor
 

@@ -81,5 +81,5 @@ def decide(name: str = "auto", flavor: Flavor | None = None) -> Decision:
         )
     else:
         decision = Decision("qemu", "tcg", f"auto: no usable /dev/kvm ({flavor}); using QEMU with TCG", flavor)
-    _log.info("hypervisor selected", backend=decision.name, accel=decision.accel, reason=decision.reason)
+    _log.debug("hypervisor decided", backend=decision.name, accel=decision.accel, reason=decision.reason)
     return decision

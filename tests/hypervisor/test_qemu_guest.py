@@ -1,0 +1,138 @@
+"""The product path on this host: katapy's guest kernel + image booted by the configured backend
+(QEMU/TCG on kvm-pvm), the agent answering over hybrid vsock through katapy's vsock back end.
+
+Skips, with the reason, until the guest kernel/image are built (`make kernel image`) and the
+device back ends are in the tree.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from katapy import config, hypervisor
+from katapy.hypervisor.base import VmState
+from katapy.testing.sandbox import Sandbox, SandboxThread, missing_requirements, sandbox_vm
+
+from .conftest import open_fds
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.guest
+
+
+def _requirements() -> None:
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"cannot start a sandbox VM: {reason}")
+
+
+def _mounts() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def _qemu_children() -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())], capture_output=True, text=True)
+    return [l for l in out.stdout.splitlines() if "qemu-system" in l]
+
+
+def _tmp_entries() -> set[str]:
+    return {p.name for p in Path("/tmp").glob("katapy-*")}
+
+
+def test_agent_health_over_hybrid_vsock(katapy_sandbox: SandboxThread) -> None:
+    async def check(sb: Sandbox) -> tuple[bool, str]:
+        return await sb.agent.health_check(), await sb.agent.version()
+
+    healthy, version = katapy_sandbox.run(check)
+    assert healthy is True
+    assert version
+    sb = katapy_sandbox.sandbox
+    assert sb is not None
+    assert sb.hypervisor.state() is VmState.RUNNING
+    assert sb.hypervisor.agent_socket().name == "vsock.sock"
+    assert "katapy-agent: ready port=1024" in sb.hypervisor.console_log()  # type: ignore[attr-defined]
+
+
+def test_cli_sandbox_run_health() -> None:
+    _requirements()
+    r = subprocess.run(
+        [sys.executable, "-m", "katapy.cli", "sandbox", "run", "--health"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "agent health:   SERVING" in r.stdout
+    assert "agent ready:" in r.stdout and "VM start:" in r.stdout
+
+
+def test_stop_leaves_no_process_socket_memfd_mount_or_temp_file(tmp_path: Path) -> None:
+    _requirements()
+    fds, mounts, tmp = open_fds(), _mounts(), _tmp_entries()
+    maps_before = [l for l in Path("/proc/self/maps").read_text().splitlines() if "memfd:" in l]
+    state_root = tmp_path / "st"
+    state_root.mkdir()
+
+    async def main() -> None:
+        async with sandbox_vm(state_root=state_root, sandbox_id="leak") as sb:
+            assert await sb.agent.health_check()
+            assert (state_root / "leak" / "vsock.sock").exists()
+            assert _qemu_children() or sb.hypervisor.name == "builtin"
+
+    trio.run(main)
+    assert list(state_root.iterdir()) == []
+    assert _qemu_children() == []
+    assert open_fds() == fds
+    assert _mounts() == mounts
+    assert _tmp_entries() == tmp
+    assert [l for l in Path("/proc/self/maps").read_text().splitlines() if "memfd:" in l] == maps_before
+
+
+def test_kill_9_of_the_vmm_under_a_running_sandbox(tmp_path: Path) -> None:
+    _requirements()
+    cfg = config.load()
+    if hypervisor.decide(cfg.hypervisor.name).name != "qemu":
+        pytest.skip("the VMM is an external process only with the qemu backend")
+    state_root = tmp_path / "st"
+    state_root.mkdir()
+
+    async def main() -> None:
+        async with sandbox_vm(cfg, state_root=state_root, sandbox_id="kill") as sb:
+            qemu = sb.hypervisor.qemu  # type: ignore[attr-defined]
+            os.kill(qemu.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with trio.fail_after(3):
+                ended = await sb.hypervisor.wait_exit()
+            assert time.monotonic() - t0 < 3
+            assert ended.reason == "vmm-killed" and "SIGKILL" in ended.detail
+            assert sb.hypervisor.state() is VmState.STOPPED
+            with trio.fail_after(10), pytest.raises(Exception):  # the agent is gone: an error, not a hang
+                await sb.agent.health_check()
+
+    trio.run(main)
+    assert list(state_root.iterdir()) == []
+    assert _qemu_children() == []
+
+
+def test_guest_panic_is_an_exit_with_the_panic_line(tmp_path: Path) -> None:
+    _requirements()
+    cfg = config.load()
+
+    async def main() -> None:
+        hv = hypervisor.select(cfg)
+        vm = hypervisor.vm_config(cfg, "panic", state_dir=tmp_path / "panic", kernel_params="rdinit=/no-such-init")
+        await hv.start_vm(vm)
+        try:
+            with trio.fail_after(120):
+                ended = await hv.wait_exit()
+        finally:
+            await hv.cleanup()
+        assert ended.reason == "guest-panic", ended
+        assert "Kernel panic" in ended.detail
+
+    trio.run(main)
+    assert not (tmp_path / "panic").exists()
