@@ -18,7 +18,7 @@ from katapy.shim import bundle as bundle_mod
 from katapy.shim import events as ev
 from katapy.shim import types as t
 from katapy.shim.container import ContainerManager
-from katapy.shim.errors import FailedPrecondition, InvalidArgument, Unavailable
+from katapy.shim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from katapy.shim.sandbox import SandboxManager
 from katapy.shim.stdio import validate as validate_stdio
 
@@ -52,7 +52,7 @@ class VirtContainer:
 
     def manager(self) -> ContainerManager:
         if self.containers is None:
-            raise FailedPrecondition("no container was created in this shim yet")
+            raise NotFound("no container was created in this shim")
         return self.containers
 
     async def create(self, req: t.CreateTask) -> int:
@@ -72,7 +72,6 @@ class VirtContainer:
         if bundle_mod.is_pod_member(spec):
             raise FailedPrecondition(f"container {req.id} belongs to sandbox "
                                      f"{bundle_mod.sandbox_id(spec, req.id)}, which this shim does not run")
-        config = load_config(req.options)
         # check what can be checked before paying for a VM
         from katapy.resource import rootfs, volumes
 
@@ -87,6 +86,7 @@ class VirtContainer:
             raise InvalidArgument(f"config.json process.terminal={spec['process'].get('terminal', False)} but the "
                                   f"task asks terminal={req.stdio.terminal}")
 
+        config = load_config(req.options)
         sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config)
         from katapy.resource.etc_files import hostname_for
 
