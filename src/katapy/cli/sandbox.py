@@ -9,6 +9,7 @@ Exit status 0 when the agent answered, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,6 +26,8 @@ async def run_health(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.monotonic()
     cfg = config.load(args.config)
+    if args.shared_fs:
+        cfg = dataclasses.replace(cfg, hypervisor=dataclasses.replace(cfg.hypervisor, shared_fs=args.shared_fs))
     report: dict[str, Any] = {"config": str(cfg.source or "built-in defaults"), "config_load_s": time.monotonic() - t0}
     async with sandbox_vm(cfg, backend=args.hypervisor, state_root=args.state_dir) as sb:
         report["backend"] = sb.hypervisor.name
@@ -65,6 +68,7 @@ def main(argv: list[str]) -> int:
     run.add_argument("--config", type=Path, help="configuration file (default: KATAPY_CONFIG or /etc/katapy)")
     run.add_argument("--hypervisor", choices=("auto", "builtin", "qemu"), help="override [hypervisor] name")
     run.add_argument("--state-dir", type=Path, help="where the sandbox's state directory goes (default: /tmp)")
+    run.add_argument("--shared-fs", choices=config.SHARED_FS, help="override [hypervisor] shared_fs")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.add_argument("--console", action="store_true", help="also print the guest console")
     args = ap.parse_args(argv)
