@@ -85,6 +85,7 @@ class Vmm:
     def start(self) -> None:
         with self._lock:
             self._configurable()
+            self.resources.validate()  # a configuration error leaves the VMM configurable
             outputs = list(self._outputs)
 
             def serial_output(data: bytes) -> None:

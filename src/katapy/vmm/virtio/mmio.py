@@ -128,6 +128,7 @@ class MmioTransport:
         self._int_lock = threading.Lock()
         self.interrupt_status = 0
         self.config_generation = 0
+        self.notify_exits = 0
         self.interrupt = MmioInterrupt(self)
         self._reset_registers()
 
@@ -220,6 +221,7 @@ class MmioTransport:
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset == QUEUE_NOTIFY:
+            self.notify_exits += 1  # only when no ioeventfd took it
             if value < len(self.kick_fds):
                 os.eventfd_write(self.kick_fds[value], 1)
         elif offset == INTERRUPT_ACK:
