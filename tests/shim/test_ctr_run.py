@@ -1,0 +1,170 @@
+"""End to end through containerd: ``ctr run --runtime io.containerd.katapy.v2`` runs containers in a VM.
+
+These need a bootable guest (katapy.paths kernel + initramfs, the lead's
+builds) and a hypervisor backend; they skip, saying which is missing, until
+both exist.  Under TCG a boot takes several seconds, so the module shares
+one containerd and keeps the number of VMs modest.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from katapy import paths
+
+from .containerd import PrivateContainerd, shim_pids
+
+pytestmark = [pytest.mark.containerd, pytest.mark.guest, pytest.mark.slow]
+RUNTIME = "io.containerd.katapy.v2"
+IMAGE = "docker.io/katapy/busybox:latest"
+BOOT_TIMEOUT = 300
+
+
+def _require_guest() -> None:
+    if not paths.guest_initramfs().exists():
+        pytest.skip(f"guest image {paths.guest_initramfs()} is not built yet (make image)")
+    from katapy import config as config_mod
+
+    try:
+        cfg = config_mod.load()
+    except config_mod.ConfigError as exc:
+        pytest.skip(f"no usable katapy configuration for a VM: {exc}")
+    try:
+        from katapy import hypervisor
+
+        hypervisor.select(cfg)
+    except Exception as exc:  # a backend module not landed yet
+        pytest.skip(f"hypervisor backend unavailable: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def _guest_needed() -> None:
+    _require_guest()
+
+
+def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), check: bool = False,
+        input: bytes | None = b"") -> subprocess.CompletedProcess[str]:
+    return c.ctr("run", "--rm", "--runtime", RUNTIME, *extra, IMAGE, cid, *cmd, check=check, timeout=BOOT_TIMEOUT,
+                 input=input)
+
+
+def _leftovers(c: PrivateContainerd) -> list[str]:
+    found = []
+    if c.katapy_state.exists():
+        found += [f"state {p}" for p in c.katapy_state.iterdir()]
+    found += [f"shim pid {p}" for p in shim_pids(c.katapy_state)]
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if str(c.katapy_state) in line]
+    found += [f"socket {p}" for p in Path("/run/containerd/s").glob("*") if _socket_of(c, p)]
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    found += [f"qemu {line}" for line in out.splitlines() if "qemu-system" in line and str(c.katapy_state) in line]
+    return found
+
+
+def _socket_of(c: PrivateContainerd, p: Path) -> bool:
+    import hashlib
+
+    return any(hashlib.sha256(f"{c.address}/{c.namespace}/{cid}".encode()).hexdigest() == p.name
+               for cid in ("kr-out", "kr-exit3", "kr-kill", "kr-env", "kr-bind", "kr-d"))
+
+
+def test_run_prints_guest_kernel_output(containerd: PrivateContainerd) -> None:
+    res = run(containerd, "kr-out", "uname", "-r", check=True)
+    host = os.uname().release
+    assert res.stdout.strip() and res.stdout.strip() != host, f"guest said {res.stdout!r}, host is {host}"
+    assert not _leftovers(containerd)
+
+
+@pytest.mark.parametrize("code", [0, 3, 137])
+def test_exit_codes_propagate(containerd: PrivateContainerd, code: int) -> None:
+    script = "kill -9 $$" if code == 137 else f"exit {code}"
+    res = run(containerd, f"kr-exit{code}", "sh", "-c", script)
+    assert res.returncode == code, res.stderr
+
+
+def test_env_cwd_user(containerd: PrivateContainerd) -> None:
+    res = run(containerd, "kr-env", "sh", "-c", 'echo "$FOO $(pwd) $(id -u)"',
+              extra=("--env", "FOO=bar", "--cwd", "/tmp", "--user", "65534"), check=True)
+    assert res.stdout.strip() == "bar /tmp 65534"
+
+
+def test_bind_mount_read_and_written(containerd: PrivateContainerd, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from-host\n")
+    res = run(containerd, "kr-bind", "sh", "-c", "cat /data/in.txt && echo from-guest > /data/out.txt",
+              extra=("--mount", f"type=bind,src={tmp_path},dst=/data,options=rbind:rw"), check=True)
+    assert res.stdout.strip() == "from-host"
+    assert (tmp_path / "out.txt").read_text() == "from-guest\n"
+
+
+def test_detached_exec_ps_pause_metrics_kill_delete(containerd: PrivateContainerd) -> None:
+    c = containerd
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "kr-d", "sleep", "600", timeout=BOOT_TIMEOUT)
+    try:
+        res = c.ctr("task", "exec", "--exec-id", "e1", "kr-d", "sh", "-c", "echo exec-ok; exit 5", check=False)
+        assert res.stdout.strip() == "exec-ok" and res.returncode == 5
+        assert "kr-d" in c.ctr("task", "ls").stdout
+        assert c.ctr("task", "ps", "kr-d").stdout.strip()
+        c.ctr("task", "pause", "kr-d")
+        assert "PAUSED" in c.ctr("task", "ls").stdout
+        c.ctr("task", "resume", "kr-d")
+        assert "RUNNING" in c.ctr("task", "ls").stdout
+        metrics = c.ctr("task", "metrics", "kr-d").stdout
+        assert "memory" in metrics.lower()
+        c.ctr("task", "kill", "-s", "SIGTERM", "kr-d")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "STOPPED" not in c.ctr("task", "ls").stdout:
+            time.sleep(0.5)
+        assert "STOPPED" in c.ctr("task", "ls").stdout
+    finally:
+        c.ctr("task", "delete", "-f", "kr-d", check=False)
+        c.ctr("containers", "rm", "kr-d", check=False)
+    assert not _leftovers(c)
+
+
+def test_tty(containerd: PrivateContainerd) -> None:
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe("ctr", ["ctr", "--address", containerd.address, "--namespace", containerd.namespace, "run",
+                           "--rm", "-t", "--runtime", RUNTIME, IMAGE, "kr-tty", "sh", "-c", "tty; echo tty-ok"],
+                   containerd.env())
+    out = b""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"tty-ok" in out and b"/dev/pts/" in out, out
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_twenty_runs_leave_nothing_behind(containerd: PrivateContainerd) -> None:
+    for i in range(20):
+        res = run(containerd, f"kr-seq{i}", "true")
+        assert res.returncode == 0, res.stderr
+    assert not _leftovers(containerd)
+
+
+def test_kill_9_of_the_shim_is_cleaned_by_containerd_delete(containerd: PrivateContainerd) -> None:
+    c = containerd
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "kr-k9", "sleep", "600", timeout=BOOT_TIMEOUT)
+    for pid in shim_pids(c.katapy_state):
+        os.kill(pid, 9)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (c.katapy_state / "kr-k9").exists():
+        time.sleep(0.5)
+    c.ctr("task", "delete", "-f", "kr-k9", check=False)
+    c.ctr("containers", "rm", "kr-k9", check=False)
+    assert not (c.katapy_state / "kr-k9").exists()
+    assert not _leftovers(c)
