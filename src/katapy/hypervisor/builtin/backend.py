@@ -7,8 +7,9 @@ is reached through the vsock device's hybrid-vsock socket
 ``<state_dir>/vsock.sock``, as with the qemu backend.
 
 Whatever ends the VM — guest power-off or reset, a guest panic (``panic=-1``
-makes it a reset), a triple fault, an exception inside the VMM — comes back
-from ``Vmm.wait`` and becomes a :class:`VmExit`; nothing is left waiting.
+makes it a reset), a triple fault, a KVM internal error, an exception inside
+the VMM — comes back from ``Vmm.wait`` (``katapy.vmm.state.VmExit``) and
+becomes a :class:`VmExit`; nothing is left waiting.
 """
 from __future__ import annotations
 
@@ -36,33 +37,48 @@ from katapy.hypervisor.devices import sandbox_devices
 _log = log.get("hypervisor.builtin")
 
 
-def classify_exit(reason: object, stopping: bool, console: str) -> VmExit:
-    """Turn what ``Vmm.wait`` returned (an enum, a string or an exception) into a VmExit."""
-    text = str(getattr(reason, "value", reason) or "").lower()
-    detail = str(reason)
-    if stopping:
-        return VmExit("stopped", detail, None, console)
+# katapy.vmm.state.ExitReason values -> VmExit reasons
+_REASONS = {
+    "poweroff": "guest-shutdown",
+    "halted": "guest-shutdown",  # every vCPU halted with nothing left to wake it
+    "reset": "guest-reset",
+    "triple-fault": "guest-reset",
+    "crash": "guest-panic",
+    "stopped": "stopped",
+    "error": "vmm-error",
+}
+
+
+def classify_exit(vmm_exit: object, console: str) -> VmExit:
+    """Turn what ``Vmm.wait`` returned (a ``katapy.vmm.state.VmExit``) or raised into a VmExit.
+
+    The VMM keeps the first reason the VM ended for, so a guest that died
+    before the host's stop() is reported as what it was, not as "stopped".
+    """
+    if isinstance(vmm_exit, BaseException):
+        return VmExit("vmm-error", f"the VMM failed: {vmm_exit!r}", None, console)
+    raw = getattr(vmm_exit, "reason", None)
+    value = str(getattr(raw, "value", raw))
+    detail = str(getattr(vmm_exit, "detail", "")) or value
+    reason = _REASONS.get(value, "vmm-error")
     panic = panic_line(console)
-    if panic:
-        return VmExit("guest-panic", panic, None, console)
-    if isinstance(reason, BaseException) or "error" in text or "fail" in text:
-        return VmExit("vmm-error", detail, None, console)
-    if "panic" in text:
-        return VmExit("guest-panic", detail, None, console)
-    if "reset" in text or "reboot" in text or "triple" in text:
-        return VmExit("guest-reset", detail, None, console)
-    return VmExit("guest-shutdown", detail, None, console)
+    if panic and reason in ("guest-reset", "guest-panic", "guest-shutdown"):
+        return VmExit("guest-panic", panic, None, console)  # panic=-1: the kernel reset after panicking
+    return VmExit(reason, detail if value in detail else f"{value}: {detail}", None, console)
 
 
 class BuiltinHypervisor(SandboxVm):
     name = "builtin"
     vmm_label = "the builtin VMM"
 
-    def __init__(self) -> None:
+    def __init__(self, boot_protocol: str | None = None) -> None:
+        """``boot_protocol``: "linux64" | "pvh" (katapy.vmm.boot.loader.BootProtocol); None = the VMM's default."""
         super().__init__()
+        self.boot_protocol = boot_protocol
+        self._console: Any = None  # the console.log file the serial output goes to
         self._vmm: Any = None
         self._exit: VmExit | None = None
-        self._stopping = False
+        self._start_called = False
         self._started = False  # Vmm.start() returned: there are threads to stop and wait for
         self._exit_lock = trio.Lock()
 
@@ -90,18 +106,24 @@ class BuiltinHypervisor(SandboxVm):
     def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
         vmm = self._vmm = vmm_cls()
         vmm.configure_machine(cfg.vcpus, cfg.memory_mib)
-        vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline())
-        vmm.add_serial_output(cfg.console_path)
+        if self.boot_protocol is None:
+            vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline())
+        else:
+            from katapy.vmm.boot.loader import BootProtocol
+
+            vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline(), BootProtocol(self.boot_protocol))
+        console = self._console = open(cfg.console_path, "ab", buffering=0)
+        vmm.add_serial_output(console.write)  # called on a vCPU thread; unbuffered, so readers see it at once
         self._devices = sandbox_devices(cfg)
         for dev in self._devices:
             vmm.add_device(dev.device)
+        self._start_called = True  # from here on the VMM owns the devices (it closes them in stop())
         vmm.start()
         self._started = True
 
     async def stop_vm(self) -> None:
         if not self._started:
             return
-        self._stopping = True
         await trio.to_thread.run_sync(self._vmm.stop)
         await self.wait_exit()
 
@@ -137,7 +159,7 @@ class BuiltinHypervisor(SandboxVm):
             reason = exc
         async with self._exit_lock:
             if self._exit is None:
-                self._exit = classify_exit(reason, self._stopping, read_tail(self.cfg.console_path))
+                self._exit = classify_exit(reason, read_tail(self.cfg.console_path))
                 self._state = VmState.STOPPED
                 _log.info("vm exited", sandbox=self.cfg.sandbox_id, reason=self._exit.reason, detail=self._exit.detail)
         return self._exit
@@ -145,7 +167,6 @@ class BuiltinHypervisor(SandboxVm):
     async def cleanup(self) -> None:
         with trio.CancelScope(shield=True):
             if self._vmm is not None and self._exit is None:
-                self._stopping = True
                 try:
                     # stop() also releases what a VMM that never started holds (memory, KVM fds)
                     await trio.to_thread.run_sync(self._vmm.stop)
@@ -154,7 +175,12 @@ class BuiltinHypervisor(SandboxVm):
                             await self.wait_exit()
                 except Exception as exc:
                     _log.error("VMM stop failed during cleanup", error=repr(exc))
-            self._close_devices()
+            if not self._start_called:
+                self._close_devices()
+            self._devices = []
+            if self._console is not None:
+                self._console.close()
+                self._console = None
             if self._state is not VmState.NOT_STARTED:
                 self._state = VmState.STOPPED
             if self.cfg is not None:
