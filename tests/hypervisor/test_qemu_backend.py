@@ -168,8 +168,12 @@ def test_start_errors_are_clear_and_leave_nothing(tiny_guest: dict[str, Path], s
         await hv.cleanup()
         long = VmConfig("tiny", short_tmp / ("x" * 100), tiny_guest["halt"], tiny_guest["initrd"],
                         memory_mib=64, max_memory_mib=64)
-        with pytest.raises(HypervisorError, match="too long for unix socket paths"):
+        with pytest.raises(HypervisorError, match="is too long: its unix socket paths would need"):
             await QemuHypervisor(Path(QEMU)).start_vm(long)  # type: ignore[arg-type]
+        # the shim's layout for a containerd sandbox id (64 hex digits) fits
+        shim_layout = VmConfig("c" * 64, Path("/run/katapy") / ("c" * 64) / "vm", tiny_guest["halt"],
+                               tiny_guest["initrd"], memory_mib=64, max_memory_mib=64)
+        QemuHypervisor(Path(QEMU))._check(shim_layout)  # type: ignore[arg-type]
 
     trio.run(main)
     assert _qemu_children() == []

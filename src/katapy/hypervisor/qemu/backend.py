@@ -45,8 +45,10 @@ from katapy.hypervisor.qemu.process import QMP_SOCKET, QemuProcess, kill_stale
 
 _log = log.get("hypervisor.qemu")
 
-# sun_path is 108 bytes; leave room for the hybrid-vsock "<uds>_<port>" suffix
-MAX_SOCKET_PATH = 100
+# sun_path is 108 bytes with the terminating NUL (unix(7)); the hybrid-vsock socket also needs
+# room for the "_<port>" of guest-initiated connections (a 32-bit port: up to 10 digits)
+MAX_SOCKET_PATH = 107
+VSOCK_PORT_SUFFIX = len("_4294967295")
 
 
 class QemuHypervisor(SandboxVm):
@@ -97,9 +99,12 @@ class QemuHypervisor(SandboxVm):
     def _check(self, cfg: VmConfig) -> None:
         if not os.access(self.binary, os.X_OK):
             raise HypervisorError(f"start_vm: QEMU binary {self.binary} is not executable")
-        longest = len(str(cfg.state_dir / "vhost-shared-fs.sock"))
-        if longest > MAX_SOCKET_PATH or len(str(cfg.vsock_path)) + 11 > MAX_SOCKET_PATH:
-            raise HypervisorError(f"start_vm: state_dir {cfg.state_dir} is too long for unix socket paths")
+        longest = max(len(str(cfg.state_dir / "vhost-shared-fs.sock")), len(str(cfg.vsock_path)) + VSOCK_PORT_SUFFIX)
+        if longest > MAX_SOCKET_PATH:
+            raise HypervisorError(
+                f"start_vm: state_dir {cfg.state_dir} is too long: its unix socket paths would need "
+                f"{longest} of the {MAX_SOCKET_PATH} bytes sun_path holds"
+            )
 
     def _start_backends(self, cfg: VmConfig) -> list[VhostUserPort]:
         """Construct the device back ends and their vhost-user servers (runs in a worker thread)."""
