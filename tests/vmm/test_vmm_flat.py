@@ -193,3 +193,27 @@ def test_configuration_errors_are_clear(vmm, tmp_path):
     vmm.set_flat_boot(b"\xf4")
     with pytest.raises(VmmError):
         vmm.resume()
+
+
+def test_nothing_leaks_across_vm_lifetimes(kvm_required):
+    import os
+    import threading
+
+    from katapy.vmm.api import Vmm
+    from tests.vmm.recording_device import RecordingDevice
+
+    def one_vm():
+        v = Vmm()
+        v.configure_machine(2, 16)
+        v.add_device(RecordingDevice())
+        v.set_flat_boot(assemble(".code16\n mov $0xfe, %al\n out %al, $0x64\n"))
+        v.start()
+        assert v.wait(10).reason is ExitReason.RESET
+        v.stop()
+
+    one_vm()  # first use installs the kick handler and imports everything
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for _ in range(5):
+        one_vm()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads

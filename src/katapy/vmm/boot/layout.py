@@ -28,7 +28,7 @@ CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 2048  # COMMAND_LINE_SIZE on x86
 EBDA_START = 0x9FC00  # RAM below this is usable; the MP table lives here
 MPTABLE_START = 0x9FC00
-MPTABLE_MAX_SIZE = 0x400
+MPTABLE_MAX_SIZE = 0x10000  # may run past 0xa0000 into the (non-RAM in e820) legacy hole
 HIMEM_START = 0x100000  # 1 MiB: where the protected-mode kernel is loaded
 
 MMIO_MEM_START = 0xD000_0000  # start of the 32-bit MMIO hole (768 MiB below 4 GiB)

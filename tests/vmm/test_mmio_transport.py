@@ -1,0 +1,146 @@
+"""virtio-mmio register semantics (virtio 1.2, 4.2.2-4.2.3) without a VM: the transport as a bus device."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from katapy.vmm.eventloop import EventLoop
+from katapy.vmm.memory import GuestMemory
+from katapy.vmm.virtio import mmio
+from tests.vmm.recording_device import RecordingDevice
+
+
+@pytest.fixture
+def transport():
+    mem = GuestMemory.create([(0, 1 << 20)])
+    loop = EventLoop()
+    irqs = []
+    dev = RecordingDevice()
+    t = mmio.MmioTransport(dev, mem, loop, lambda: irqs.append(1))
+    t.irqs = irqs
+    yield t
+    t.close()
+    loop.close()
+    mem.close()
+
+
+def rd(t, off):
+    return struct.unpack("<I", t.read(off, 4))[0]
+
+
+def wr(t, off, v):
+    t.write(off, struct.pack("<I", v))
+
+
+def negotiate(t, features_hi=1):
+    wr(t, mmio.STATUS, 1)
+    wr(t, mmio.STATUS, 3)
+    wr(t, mmio.DRIVER_FEATURES_SEL, 1)
+    wr(t, mmio.DRIVER_FEATURES, features_hi)
+    wr(t, mmio.STATUS, 0xB)
+
+
+def setup_queue(t, q=0, size=16, desc=0x1000, avail=0x2000, used=0x3000):
+    wr(t, mmio.QUEUE_SEL, q)
+    wr(t, mmio.QUEUE_NUM, size)
+    wr(t, mmio.QUEUE_DESC_LOW, desc)
+    wr(t, mmio.QUEUE_DRIVER_LOW, avail)
+    wr(t, mmio.QUEUE_DEVICE_LOW, used)
+    wr(t, mmio.QUEUE_READY, 1)
+
+
+def test_identity_registers(transport):
+    assert rd(transport, mmio.MAGIC_VALUE) == 0x74726976
+    assert rd(transport, mmio.VERSION) == 2
+    assert rd(transport, mmio.DEVICE_ID) == RecordingDevice.device_type
+    assert transport.read(mmio.MAGIC_VALUE, 2) == b"\0\0"  # sub-word register read: zeros
+    assert transport.read(mmio.CONFIG, 4) == b"KATA"
+    assert transport.read(mmio.CONFIG + 0x800, 4) == b"\0\0\0\0"  # past the config space
+
+
+def test_features_ok_needs_version_1_and_offered_features(transport):
+    negotiate(transport, features_hi=0)
+    assert rd(transport, mmio.STATUS) == 3  # FEATURES_OK refused
+    wr(transport, mmio.STATUS, 0)
+    wr(transport, mmio.STATUS, 1)
+    wr(transport, mmio.STATUS, 3)
+    wr(transport, mmio.DRIVER_FEATURES_SEL, 0)
+    wr(transport, mmio.DRIVER_FEATURES, 1 << 5)  # never offered
+    wr(transport, mmio.DRIVER_FEATURES_SEL, 1)
+    wr(transport, mmio.DRIVER_FEATURES, 1)
+    wr(transport, mmio.STATUS, 0xB)
+    assert rd(transport, mmio.STATUS) == 3
+    wr(transport, mmio.STATUS, 0)
+    negotiate(transport)
+    assert rd(transport, mmio.STATUS) == 0xB
+    assert transport.device.acked_features == 1 << 32
+
+
+def test_queue_size_rules(transport):
+    negotiate(transport)
+    wr(transport, mmio.QUEUE_SEL, 0)
+    assert rd(transport, mmio.QUEUE_NUM_MAX) == 256
+    for bad in (0, 3, 100, 512):
+        wr(transport, mmio.QUEUE_NUM, bad)
+        assert transport.queues[0].size == 0
+    wr(transport, mmio.QUEUE_READY, 1)
+    assert rd(transport, mmio.QUEUE_READY) == 0  # no size yet
+    wr(transport, mmio.QUEUE_SEL, 9)
+    assert rd(transport, mmio.QUEUE_NUM_MAX) == 0  # no such queue
+    wr(transport, mmio.QUEUE_NUM, 8)  # ignored, no crash
+
+
+def test_activation_and_reset(transport):
+    negotiate(transport)
+    setup_queue(transport)
+    wr(transport, mmio.STATUS, 0xF)
+    assert rd(transport, mmio.STATUS) == 0xF
+    assert transport.device.activations == [[(16, 0x1000, 0x2000, 0x3000), (0, 0, 0, 0)]]
+    wr(transport, mmio.QUEUE_NUM, 32)  # after DRIVER_OK: ignored
+    assert transport.queues[0].size == 16
+    transport.interrupt.signal_used_queue(0)
+    assert rd(transport, mmio.INTERRUPT_STATUS) == 1 and transport.irqs
+    wr(transport, mmio.INTERRUPT_ACK, 1)
+    assert rd(transport, mmio.INTERRUPT_STATUS) == 0
+    wr(transport, mmio.STATUS, 0)
+    assert transport.device.resets == 1
+    assert rd(transport, mmio.STATUS) == 0 and transport.queues[0].size == 0
+    for _ in range(100):  # reset storm: harmless, and no extra device resets
+        wr(transport, mmio.STATUS, 0)
+    assert transport.device.resets == 1
+
+
+@pytest.mark.parametrize("desc,avail,used", [
+    (0xFFFF0000, 0x2000, 0x3000),  # outside RAM
+    (0x1008, 0x2000, 0x3000),  # misaligned descriptor table
+    (0x1000, 0x2000, (1 << 20) - 8),  # used ring runs off the end of RAM
+])
+def test_bad_queue_addresses_set_device_needs_reset(transport, desc, avail, used):
+    negotiate(transport)
+    setup_queue(transport, desc=desc, avail=avail, used=used)
+    wr(transport, mmio.STATUS, 0xF)
+    status = rd(transport, mmio.STATUS)
+    assert status & mmio.DEVICE_NEEDS_RESET
+    assert not transport.device.activations
+    assert rd(transport, mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG_CHANGE
+    wr(transport, mmio.STATUS, 0)
+    assert rd(transport, mmio.STATUS) == 0
+
+
+def test_failing_activation_sets_device_needs_reset(transport):
+    transport.device.fail_activate = True
+    negotiate(transport)
+    setup_queue(transport)
+    wr(transport, mmio.STATUS, 0xF)
+    assert rd(transport, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET
+
+
+def test_status_bits_out_of_order_are_refused(transport):
+    wr(transport, mmio.STATUS, mmio.DRIVER_OK)
+    assert rd(transport, mmio.STATUS) == 0
+    wr(transport, mmio.STATUS, 1)
+    wr(transport, mmio.STATUS, 1 | mmio.FEATURES_OK)
+    assert rd(transport, mmio.STATUS) == 1
+    wr(transport, mmio.STATUS, 1 | 0x20)  # unknown bit
+    assert rd(transport, mmio.STATUS) == 1
