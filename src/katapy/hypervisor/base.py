@@ -159,6 +159,9 @@ class NetDevice:
     dev_id: str
     tap_name: str
     mac: str
+    # an fd already attached to the tap (opened inside the pod netns by katapy.resource.network);
+    # the VMM uses it instead of opening the tap by name in its own netns
+    tap_fd: int | None = None
 
 
 Device = BlockDevice | NetDevice

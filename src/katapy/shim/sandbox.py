@@ -24,7 +24,7 @@ from katapy import log
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
 from katapy.resource.rootfs import GUEST_SHARED_DIR
-from katapy.shim.errors import Unavailable
+from katapy.shim.errors import FailedPrecondition, Unavailable
 from katapy.shim.persist import SandboxRecord
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class SandboxManager:
         self._stopping = False
         self._stopped = False
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
+        self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
 
     @property
     def vmm_pid(self) -> int:
@@ -77,7 +78,10 @@ class SandboxManager:
                 return pid
         return os.getpid()
 
-    async def start(self, hostname: str, dns: list[str]) -> None:
+    async def start(self, hostname: str, dns: list[str], netns_path: str | None = None,
+                    sizing: Any = None) -> None:
+        """``netns_path``: the pod netns CNI populated (carried into the VM); ``sizing``: a
+        ``katapy.shim.annotations.SandboxSizing`` from the pod annotations (None: configured defaults)."""
         from katapy import hypervisor as hv_mod
 
         if self.dir.exists() and SandboxRecord.load(self.dir) is not None:
@@ -92,7 +96,14 @@ class SandboxManager:
 
             self.hypervisor = hv_mod.select(self.config)
             vmcfg = hv_mod.vm_config(self.config, self.sandbox_id, shared_dir=self.shared_dir,
-                                     state_dir=self.dir / "vm")
+                                     state_dir=self.dir / "vm",
+                                     kernel_params=sizing.kernel_params if sizing is not None else "")
+            if sizing is not None:
+                import dataclasses
+
+                vmcfg = dataclasses.replace(vmcfg, vcpus=sizing.vcpus, memory_mib=sizing.memory_mib)
+            if netns_path:
+                await self._attach_network(netns_path)
             t0 = time.monotonic()
             await self.hypervisor.start_vm(vmcfg)
             self.times.vm_start_s = time.monotonic() - t0
@@ -111,6 +122,8 @@ class SandboxManager:
             await self.agent.create_sandbox(hostname=hostname, dns=dns, sandbox_id=self.sandbox_id,
                                             storages=[share])
             self.times.create_sandbox_s = time.monotonic() - t0
+            if self.network is not None:
+                await self.network.configure_guest(self.agent)
         except BaseException as exc:
             self._log.error("sandbox start failed", error=str(exc))
             with trio.CancelScope(shield=True):
@@ -120,6 +133,16 @@ class SandboxManager:
                        vm_start_s=round(self.times.vm_start_s, 3),
                        agent_connect_s=round(self.times.agent_connect_s, 3),
                        create_sandbox_s=round(self.times.create_sandbox_s, 3))
+
+    async def _attach_network(self, netns_path: str) -> None:
+        from katapy.resource.network import NetworkError
+        from katapy.resource.network.sandbox import SandboxNetwork
+
+        self.network = SandboxNetwork(netns_path, self.sandbox_id)
+        try:
+            await self.network.attach(self.hypervisor)
+        except NetworkError as exc:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id}: pod network: {exc}") from None
 
     async def _connect_agent(self) -> None:
         from katapy.agent_client import AgentClient
@@ -175,6 +198,8 @@ class SandboxManager:
                 except Exception as exc:
                     self._log.info("stop_vm failed", reason=str(exc))
                 await self.hypervisor.cleanup()
+            if self.network is not None:
+                await self.network.release()
             self._release_host()
         self._stopped = True
         self._log.info("sandbox stopped")

@@ -87,10 +87,16 @@ class VirtContainer:
                                   f"task asks terminal={req.stdio.terminal}")
 
         config = load_config(req.options)
+        # pod annotations and the CRI netns (katapy.shim.annotations, katapy.resource.network)
+        from katapy.resource.network import netns_path_from_spec
+        from katapy.shim.annotations import sandbox_sizing
+
+        sizing = sandbox_sizing(spec.get("annotations") or {}, config.hypervisor)
         sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config)
         from katapy.resource.etc_files import hostname_for
 
-        await sandbox.start(hostname=hostname_for(spec, req.id), dns=[])
+        await sandbox.start(hostname=hostname_for(spec, req.id), dns=[], netns_path=netns_path_from_spec(spec),
+                            sizing=sizing)
         containers = ContainerManager(sandbox, self.publish, self.nursery)
         try:
             pid = await containers.create(req, spec)

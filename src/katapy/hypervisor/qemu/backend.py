@@ -84,7 +84,8 @@ class QemuHypervisor(SandboxVm):
                 net=tuple(d for d in self._cold if isinstance(d, NetDevice)),
                 seccomp=self.seccomp,
             )
-            self.qemu = QemuProcess(build_command(cfg, launch), cfg.state_dir, cfg.console_path)
+            tap_fds = tuple(d.tap_fd for d in launch.net if d.tap_fd is not None)
+            self.qemu = QemuProcess(build_command(cfg, launch), cfg.state_dir, cfg.console_path, pass_fds=tap_fds)
             await self.qemu.spawn(launch.qmp_socket)
             self._times["spawn_s"] = time.monotonic() - t0
             await self.qemu.execute("cont")

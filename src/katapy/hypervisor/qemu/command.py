@@ -87,6 +87,10 @@ def build_command(cfg: VmConfig, launch: QemuLaunch) -> list[str]:
         )]
         argv += ["-device", _opts("virtio-blk-device", id=f"dev-{blk.dev_id}", drive=blk.dev_id)]
     for net in launch.net:
-        argv += ["-netdev", _opts("tap", id=net.dev_id, ifname=net.tap_name, script="no", downscript="no", vhost="off")]
+        if net.tap_fd is not None:  # opened in the pod netns; QEMU inherits it (pass_fds)
+            argv += ["-netdev", _opts("tap", id=net.dev_id, fd=str(net.tap_fd), vhost="off")]
+        else:
+            argv += ["-netdev", _opts("tap", id=net.dev_id, ifname=net.tap_name, script="no", downscript="no",
+                                      vhost="off")]
         argv += ["-device", _opts("virtio-net-device", id=f"dev-{net.dev_id}", netdev=net.dev_id, mac=net.mac)]
     return argv

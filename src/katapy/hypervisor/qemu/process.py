@@ -31,8 +31,9 @@ QUIT_GRACE_S = 5.0
 class QemuProcess:
     """A running qemu-system-x86_64 started with ``-S`` and a QMP socket."""
 
-    def __init__(self, argv: list[str], state_dir: Path, console_path: Path):
+    def __init__(self, argv: list[str], state_dir: Path, console_path: Path, pass_fds: tuple[int, ...] = ()):
         self.argv = argv
+        self.pass_fds = pass_fds  # fds QEMU inherits (tap fds named by -netdev tap,fd=N)
         self.state_dir = state_dir
         self.console_path = console_path
         self.qmp: QmpClient | None = None
@@ -64,6 +65,7 @@ class QemuProcess:
                     stdout=logf,
                     stderr=logf,
                     start_new_session=True,  # a signal to the shim's group must not reach QEMU
+                    pass_fds=self.pass_fds,
                 )
             except OSError as exc:
                 raise HypervisorError(f"cannot run {self.argv[0]}: {exc}") from None
