@@ -9,6 +9,7 @@ PB_STAMP := src/katapy/pb/.generated
 CFFI_SRC := csrc/kvm_ioctl/build.py $(wildcard csrc/kvm_ioctl/*.h)
 CFFI_STAMP := $(VENV)/.cffi-built
 PYTEST_ARGS ?=
+CONTAINERD_CONFIG ?= /etc/containerd/config.toml
 
 .PHONY: setup deps venv protos cffi kernel image test demo bench install clean check
 
@@ -55,6 +56,7 @@ bench: setup
 
 install: venv protos cffi
 	bash scripts/install.sh
+	$(VPY) scripts/containerd-config.py --config $(CONTAINERD_CONFIG)
 
 check: venv
 	$(VENV)/bin/katapy check
