@@ -58,8 +58,10 @@ def _blob(blobs: Path, data: bytes) -> tuple[str, int]:
     return f"sha256:{digest}", len(data)
 
 
-def build(out_tar: Path, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX) -> Path:
-    """Write an OCI image-layout tar at ``out_tar``; returns it."""
+def build(out_tar: Path, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX,
+          entrypoint: list[str] | None = None) -> Path:
+    """Write an OCI image-layout tar at ``out_tar``; returns it.  ``entrypoint``: the config's Entrypoint
+    (e.g. ``["sleep", "inf"]`` for a CRI pause image); default none, Cmd ``sh``."""
     work = out_tar.with_suffix(".d")
     blobs = work / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,8 @@ def build(out_tar: Path, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX) -> P
                    "Cmd": ["sh"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
+    if entrypoint is not None:
+        config["config"]["Entrypoint"], config["config"]["Cmd"] = list(entrypoint), []
     config_digest, config_size = _blob(blobs, json.dumps(config).encode())
     manifest = {
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
