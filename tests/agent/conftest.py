@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from katapy.agent_client import AgentClient
-from .helpers import AgentTarget, HostAgent, make_busybox_rootfs
+from .helpers import AgentTarget, HostAgent, cleanup_cgroups, make_busybox_rootfs
 
 
 def _missing() -> str | None:
@@ -39,6 +39,8 @@ def host_agent(tmp_path: Path) -> Iterator[HostAgent]:
         yield agent
     finally:
         agent.stop()
+        leaked = cleanup_cgroups()
+        assert not leaked, f"processes left in container cgroups after the agent stopped: {leaked}"
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from katapy.agent_client import AgentClient
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
+# Containers' cgroups go under a parent unique to this test process, removed at teardown.
+CGROUP_PARENT = f"katapy-agent-test-{os.getpid()}"
 
 
 @dataclass
@@ -80,7 +82,7 @@ def make_spec(rootfs: str, args: list[str], cid: str, *, terminal: bool = False,
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount") if pid_namespace or t != "pid"],
             "resources": resources,
-            "cgroupsPath": f"/katapy-agent-test/{cid}",
+            "cgroupsPath": f"/{CGROUP_PARENT}/{cid}",
             "maskedPaths": ["/proc/kcore"],
             "readonlyPaths": ["/proc/sys"],
         },
@@ -136,3 +138,32 @@ class HostAgent:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()
+
+
+def cleanup_cgroups(parent: str = CGROUP_PARENT) -> list[int]:
+    """Thaw, kill and remove whatever a failed test left under ``parent`` (v1 and v2); the pids killed."""
+    killed: list[int] = []
+    for top in Path("/sys/fs/cgroup").glob(f"*/{parent}"):
+        for state in top.rglob("freezer.state"):
+            state.write_text("THAWED")
+        for procs in top.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                except ProcessLookupError:
+                    pass
+    deadline = time.monotonic() + 10
+    for top in Path("/sys/fs/cgroup").glob(f"*/{parent}"):
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+    return killed

@@ -17,7 +17,7 @@ import threading
 
 from katapy.agent import cgroups, log, storage
 from katapy.agent.container import Containers
-from katapy.ttrpc.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
+from katapy.ttrpc.errors import AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
 
 OOM_POLL_S = 0.25
 
@@ -125,9 +125,22 @@ class Sandbox:
             self._oom_seen[cid] = cgroups.oom_kill_count(c.cgroup) or 0
         self.watch_oom()
 
-    def next_oom_event(self, timeout: float | None) -> str:
-        """Long poll: the id of the next container that had an OOM kill."""
-        try:
-            return self._oom_events.get(timeout=timeout)
-        except queue.Empty:
-            raise DeadlineExceeded("no OOM event before the deadline") from None
+    def next_oom_event(self, timeout: float | None, cancelled: threading.Event | None = None) -> str:
+        """Long poll: the id of the next container that had an OOM kill.
+
+        Waits in slices so a caller that went away (``cancelled``) does not
+        take an event that the next GetOOMEvent should get.
+        """
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("GetOOMEvent cancelled: the caller is gone")
+            left = OOM_POLL_S if deadline is None else min(OOM_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                raise DeadlineExceeded("no OOM event before the deadline")
+            try:
+                return self._oom_events.get(timeout=left)
+            except queue.Empty:
+                continue

@@ -18,7 +18,8 @@ from katapy.agent import VERSION, log, oci, storage, types
 from katapy.agent.container import Containers
 from katapy.agent.sandbox import Sandbox
 from katapy.pb import agent_pb2, health_pb2, types_pb2
-from katapy.ttrpc.errors import InvalidArgument, NotFound, TtrpcError, Unknown
+from katapy.agent.stdio import StreamClosed
+from katapy.ttrpc.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, TtrpcError, Unknown
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
@@ -178,15 +179,16 @@ class AgentServer:
     def _io(self, req: Any) -> Any:
         return self.containers.get(req.container_id).process(req.exec_id).io
 
-    def _read(self, req: Any, stream: str) -> Any:
+    def _read(self, req: Any, stream: str, ctx: Any) -> Any:
         max_len = min(req.len or MAX_READ, MAX_READ)
-        return agent_pb2.ReadStreamResponse(data=self._io(req).read(stream, max_len))
+        data = self._io(req).read(stream, max_len, getattr(ctx, "cancelled", None))
+        return agent_pb2.ReadStreamResponse(data=data)
 
     def read_stdout(self, req: Any, ctx: Any) -> Any:
-        return self._read(req, "stdout")
+        return self._read(req, "stdout", ctx)
 
     def read_stderr(self, req: Any, ctx: Any) -> Any:
-        return self._read(req, "stderr")
+        return self._read(req, "stderr", ctx)
 
     def write_stdin(self, req: Any, ctx: Any) -> Any:
         return agent_pb2.WriteStreamResponse(len=self._io(req).write(req.data))
@@ -249,7 +251,8 @@ class AgentServer:
         )
 
     def get_oom_event(self, req: Any, ctx: Any) -> Any:
-        return agent_pb2.OOMEvent(container_id=self.sandbox.next_oom_event(_timeout(ctx)))
+        cid = self.sandbox.next_oom_event(_timeout(ctx), getattr(ctx, "cancelled", None))
+        return agent_pb2.OOMEvent(container_id=cid)
 
 
 def _interface_pb(i: Any) -> Any:
@@ -276,6 +279,11 @@ def _guarded(handler: Any) -> Any:
         except FileNotFoundError as exc:
             log.info("request failed", method=ctx.method, error=exc)
             raise NotFound(str(exc)) from None
+        except StreamClosed as exc:
+            log.info("request failed", method=ctx.method, error=exc)
+            if getattr(ctx, "cancelled", None) is not None and ctx.cancelled.is_set():
+                raise Cancelled(str(exc)) from None
+            raise FailedPrecondition(str(exc)) from None
         except Exception as exc:
             log.error("request failed", method=ctx.method, error=repr(exc))
             raise Unknown(f"{type(exc).__name__}: {exc}") from None

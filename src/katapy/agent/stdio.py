@@ -15,6 +15,7 @@ import struct
 import threading
 
 CONSOLE_RECV_TIMEOUT_S = 10.0
+CANCEL_POLL_MS = 250
 
 
 class StreamClosed(Exception):
@@ -84,11 +85,23 @@ class ProcessIO:
                     pass
 
     # --- streams ----------------------------------------------------------
-    def read(self, stream: str, max_len: int) -> bytes:
-        """Up to ``max_len`` bytes of stdout/stderr, blocking; b"" at end of stream."""
+    def read(self, stream: str, max_len: int, cancelled: threading.Event | None = None) -> bytes:
+        """Up to ``max_len`` bytes of stdout/stderr, blocking; b"" at end of stream.
+
+        The wait polls ``cancelled`` (the ttrpc call's deadline passed or its
+        connection closed): a read nobody will receive must not consume
+        output, or the next reader would miss it.
+        """
+        import select
+
         fd = self._master if self.terminal else (self._stdout if stream == "stdout" else self._stderr)
         if fd is None:
             return b""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while not poller.poll(CANCEL_POLL_MS):
+            if cancelled is not None and cancelled.is_set():
+                raise StreamClosed("read cancelled: the caller is gone")
         try:
             return os.read(fd, max_len)
         except OSError as exc:
