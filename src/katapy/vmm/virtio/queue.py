@@ -230,6 +230,10 @@ class Queue:
             raise QueueBrokenError(f"available ring names descriptor {head} of a {self.size}-entry table")
         return self._walk(head)
 
+    def undo_pop(self) -> None:
+        """Put the chain just popped back (the device found it had nothing to write)."""
+        self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
+
     def _read_desc(self, table: int, index: int) -> Descriptor:
         base = table + DESC_SIZE * index
         raw = self.mem.read(base, DESC_SIZE)

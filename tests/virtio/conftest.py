@@ -1,0 +1,183 @@
+"""A real Linux guest under QEMU TCG whose virtio devices are katapy back ends served over vhost-user.
+
+One guest is booted per test session and shared (TCG boots take seconds).
+Kernel: katapy's guest kernel (``katapy.paths.guest_bzimage()``).  For
+development before that exists, ``KATAPY_TEST_KERNEL=<bzImage>`` plus
+``KATAPY_TEST_KMODS=<a.ko:b.ko:...>`` (insmod'ed in order) boots a distribution
+kernel instead; QEMU then keeps ACPI on so a modular virtio_mmio finds the
+devices.  The guest runs ``vsocktool serve 5000`` (tests/virtio/guest), which
+the host drives through hybrid vsock.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from katapy import paths
+
+HERE = Path(__file__).parent
+GUEST_CID = 3
+TOOL_PORT = 5000
+FS_TAG = "katapy-shared"
+BOOT_TIMEOUT_S = 120
+
+
+def _kernel() -> tuple[Path | None, list[Path], str]:
+    env = os.environ.get("KATAPY_TEST_KERNEL")
+    if env:
+        mods = [Path(p) for p in os.environ.get("KATAPY_TEST_KMODS", "").split(":") if p]
+        return Path(env), mods, "KATAPY_TEST_KERNEL"
+    k = paths.guest_bzimage()
+    return (k if k.exists() else None), [], str(k)
+
+
+@dataclass
+class Guest:
+    """The booted guest and the host ends of its devices."""
+
+    workdir: Path
+    vsock_uds: Path
+    shared_dir: Path
+    console: Path
+    proc: subprocess.Popen
+    servers: list = field(default_factory=list)
+
+    def connect(self, port: int = TOOL_PORT, timeout: float = 10.0) -> socket.socket:
+        """Hybrid vsock: CONNECT <port>, expect OK <hostport>."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(str(self.vsock_uds))
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = s.recv(1)
+            if not chunk:
+                s.close()
+                raise ConnectionRefusedError(f"hybrid vsock: no OK for port {port} (got {line!r})")
+            line += chunk
+        assert line.startswith(b"OK "), line
+        return s
+
+    def command(self, cmd: str, timeout: float = 60.0) -> socket.socket:
+        s = self.connect()
+        s.settimeout(timeout)
+        s.sendall(cmd.encode() + b"\n")
+        return s
+
+    def sh(self, script: str, timeout: float = 60.0) -> str:
+        """Run a shell command in the guest; returns its combined output."""
+        s = self.command("sh " + script.replace("\n", "; "), timeout)
+        out = _read_all(s)
+        s.close()
+        return out.decode(errors="replace")
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+
+def _read_all(s: socket.socket) -> bytes:
+    parts = []
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+
+
+def _build_tool(out: Path) -> Path:
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed: cannot build the guest vsock test tool")
+    exe = out / "vsocktool"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), str(HERE / "guest" / "vsocktool.c")], check=True)
+    return exe
+
+
+INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /mnt/shared /tmp
+mount -t tmpfs tmp /tmp
+{insmods}
+echo katapy-test: modules loaded
+/bin/vsocktool serve {port} &
+while true; do sleep 3600; done
+"""
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory) -> Guest:
+    kernel, mods, where = _kernel()
+    if kernel is None:
+        pytest.skip(f"guest kernel not built yet ({where}); set KATAPY_TEST_KERNEL to use another")
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    from katapy.testing.initramfs import busybox_initramfs
+    from katapy.vmm.virtio.vhost_user import VhostUserServer
+    from katapy.vmm.virtio.vsock import VsockDevice
+
+    work = tmp_path_factory.mktemp("vm")
+    tool = _build_tool(work)
+    extra: dict[str, Path | bytes] = {"/bin/vsocktool": tool}
+    insmods = []
+    for m in mods:
+        extra[f"/lib/kmod/{m.name}"] = m
+        insmods.append(f"insmod /lib/kmod/{m.name}")
+    initrd = busybox_initramfs(work / "initrd.gz", INIT.format(insmods="\n".join(insmods), port=TOOL_PORT), extra)
+    shared = work / "shared"
+    shared.mkdir()
+    g = Guest(work, work / "vsock.sock", shared, work / "console.log", None)  # type: ignore[arg-type]
+    vsock_srv = VhostUserServer(VsockDevice(GUEST_CID, g.vsock_uds), work / "vu-vsock.sock")
+    g.servers = [vsock_srv]
+    fs_args: list[str] = []
+    try:
+        from katapy.vmm.virtio.fs import FsDevice
+    except ImportError:
+        FsDevice = None
+    if FsDevice is not None:
+        g.servers.append(VhostUserServer(FsDevice(FS_TAG, shared), work / "vu-fs.sock"))
+        fs_args = ["-chardev", f"socket,id=fs,path={work / 'vu-fs.sock'}",
+                   "-device", f"vhost-user-fs-device,chardev=fs,tag={FS_TAG}"]
+    for s in g.servers:
+        s.start()
+    acpi = "on" if mods else "off"
+    cmd = [
+        "qemu-system-x86_64", "-M", f"microvm,acpi={acpi},x-option-roms=off,rtc=off", "-accel", "tcg",
+        "-cpu", "max", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+        "-serial", f"file:{g.console}", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 reboot=t panic=-1 loglevel=4",
+        "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem",
+        "-chardev", f"socket,id=vs,path={work / 'vu-vsock.sock'}", "-device", "vhost-user-vsock-device,chardev=vs",
+        *fs_args, "-no-reboot",
+    ]
+    g.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(work / "qemu.out", "wb"),
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while True:
+            if g.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited {g.proc.returncode}: {(work / 'qemu.out').read_text()}\n"
+                                   f"{g.console_text()[-3000:]}")
+            if g.console.exists() and f"listening on {TOOL_PORT}" in g.console_text():
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"guest did not come up in {BOOT_TIMEOUT_S}s:\n{g.console_text()[-3000:]}")
+            time.sleep(0.2)
+        yield g
+    finally:
+        g.proc.terminate()
+        try:
+            g.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            g.proc.kill()
+            g.proc.wait()
+        for s in g.servers:
+            s.stop()
