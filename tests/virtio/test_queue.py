@@ -175,11 +175,14 @@ def test_event_idx_notification(mem):
 def test_no_interrupt_flag_without_event_idx(mem):
     drv, q = make(mem)
     drv.add_chain([(4, True)])
+    drv.add_chain([(4, True)])
     q.pop(); q.add_used(0, 4)
     mem.write_u16(drv.avail, 1)
     assert not q.needs_notification()
     mem.write_u16(drv.avail, 0)
+    q.pop(); q.add_used(1, 4)
     assert q.needs_notification()
+    assert not q.needs_notification()  # nothing new since
 
 
 desc_st = st.tuples(

@@ -230,6 +230,23 @@ class Queue:
             raise QueueBrokenError(f"available ring names descriptor {head} of a {self.size}-entry table")
         return self._walk(head)
 
+    def pop_valid(self, log: object) -> DescriptorChain | None:
+        """The next well-formed chain, re-enabling notifications when the ring looks empty.
+
+        Malformed chains are logged and completed with zero length (the request fails, the
+        queue goes on); QueueBrokenError still propagates.
+        """
+        while True:
+            try:
+                chain = self.pop()
+            except ChainError as e:
+                log.warning("malformed descriptor chain completed empty", error=str(e))  # type: ignore[attr-defined]
+                self.add_used(e.head, 0)
+                continue
+            if chain is None and self.enable_notification():
+                continue
+            return chain
+
     def undo_pop(self) -> None:
         """Put the chain just popped back (the device found it had nothing to write)."""
         self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
@@ -302,6 +319,8 @@ class Queue:
         """Whether the driver wants an interrupt for what was added since the last one (2.7.10)."""
         new = self.state.next_used
         old = self._signalled_used
+        if new == old:
+            return False  # nothing added since the last interrupt
         self._signalled_used = new
         if not self.state.event_idx:
             flags = self.mem.read_u16(self.state.avail_ring)

@@ -17,7 +17,7 @@ from katapy.vmm.virtio.device import (
     VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK, DeviceError, Interrupt,
     QueueState, VirtioDevice,
 )
-from katapy.vmm.virtio.queue import ChainError, Queue
+from katapy.vmm.virtio.queue import Queue
 from katapy.vmm.virtio.vsock.muxer import VsockMuxer
 from katapy.vmm.virtio.vsock.packet import HDR_SIZE, PacketError, parse_tx, rx_capacity
 
@@ -107,20 +107,8 @@ class VsockDevice(VirtioDevice):
             return
         q = self._queues[TXQ]
         self._in_tx = True
-        used = False
         try:
-            while True:
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    _log.warning("vsock: bad tx chain", error=str(e))
-                    q.add_used(e.head, 0)
-                    used = True
-                    continue
-                if chain is None:
-                    if q.enable_notification():
-                        continue
-                    break
+            while (chain := q.pop_valid(_log)) is not None:
                 try:
                     pkt = parse_tx(chain)
                 except (PacketError, GuestMemoryError, EOFError) as e:
@@ -128,13 +116,12 @@ class VsockDevice(VirtioDevice):
                 else:
                     self.muxer.handle_tx(pkt)
                 q.add_used(chain.head, 0)
-                used = True
         except (DeviceError, GuestMemoryError) as e:
             self._fail(str(e))
             return
         finally:
             self._in_tx = False
-        if used and q.needs_notification():
+        if q.needs_notification():
             self._interrupt.signal_used_queue(TXQ)
         if self._rx_wanted:
             self._process_rx()
@@ -156,30 +143,16 @@ class VsockDevice(VirtioDevice):
 
     def _rx_batch(self) -> None:
         q = self._queues[RXQ]
-        used = False
         try:
-            while self.muxer.has_rx():
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    _log.warning("vsock: bad rx chain", error=str(e))
-                    q.add_used(e.head, 0)
-                    used = True
-                    continue
-                if chain is None:
-                    if q.enable_notification():
-                        continue
-                    break
+            while self.muxer.has_rx() and (chain := q.pop_valid(_log)) is not None:
                 cap = rx_capacity(chain)
                 if cap < 0:
                     _log.warning("vsock: rx buffer cannot hold a header", head=chain.head)
                     q.add_used(chain.head, 0)
-                    used = True
                     continue
                 pkt = self.muxer.next_rx(cap)
                 if pkt is None:
-                    # nothing after all; give the buffer back to the ring for later
-                    q.undo_pop()
+                    q.undo_pop()  # nothing to send after all; the buffer stays the driver's
                     break
                 pkt.hdr.len = len(pkt.payload)
                 w = chain.writer()
@@ -187,9 +160,8 @@ class VsockDevice(VirtioDevice):
                 if pkt.payload:
                     w.write_all(pkt.payload)
                 q.add_used(chain.head, HDR_SIZE + len(pkt.payload))
-                used = True
         except (DeviceError, GuestMemoryError, EOFError) as e:
             self._fail(str(e))
             return
-        if used and q.needs_notification():
+        if q.needs_notification():
             self._interrupt.signal_used_queue(RXQ)
