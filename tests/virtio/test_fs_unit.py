@@ -1,0 +1,125 @@
+"""virtio-fs without a guest: hand-built FUSE requests through real rings (tests/virtio/driver.py)."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from katapy.vmm.eventloop import EventLoop
+from katapy.vmm.memory import GuestMemory
+from katapy.vmm.virtio.device import EventFdInterrupt, VIRTIO_F_VERSION_1
+from katapy.vmm.virtio.fs import FsDevice
+from katapy.vmm.virtio.fs import fuse as F
+
+from .driver import DriverQueue
+
+
+class FsHarness:
+    def __init__(self, shared):
+        self.mem = GuestMemory.create([(0, 4 << 20)])
+        self.dev = FsDevice("t", shared)
+        self.dev.ack_features(1 << VIRTIO_F_VERSION_1)
+        self.hip = DriverQueue(self.mem, 0x1000, 0x100000, 0x80000, size=16)
+        self.req = DriverQueue(self.mem, 0x10000, 0x200000, 0x100000, size=16)
+        self.loop = EventLoop()  # not started: the test drives the device synchronously
+        self.kicks = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+        self.calls = {0: os.eventfd(0, os.EFD_NONBLOCK), 1: os.eventfd(0, os.EFD_NONBLOCK)}
+        self.dev.activate(self.mem, [self.hip.state(), self.req.state()], self.kicks,
+                          EventFdInterrupt(self.calls), self.loop)
+        self.unique = 0
+
+    def call(self, opcode: int, nodeid: int, body: bytes, out_size: int = 4096, raw: bytes | None = None):
+        self.unique += 1
+        hdr = raw if raw is not None else F.IN_HEADER.pack(40 + len(body), opcode, self.unique, nodeid, 0, 0, 1, 0, 0)
+        self.req.add_chain([(hdr + body, False), (out_size, True)])
+        self.dev._process(1)
+        (head, length, data), = self.req.take_used()
+        if length == 0:
+            return None, b""
+        ln, err, uniq = F.OUT_HEADER.unpack(data[:16])
+        assert ln == length and uniq == (self.unique if raw is None else uniq)
+        return err, data[16:length]
+
+    def close(self):
+        self.dev.close()
+        self.loop.close()
+        for fd in self.kicks + list(self.calls.values()):
+            os.close(fd)
+        self.mem.close()
+
+
+@pytest.fixture
+def h(tmp_path):
+    (tmp_path / "share").mkdir()
+    (tmp_path / "outside").write_text("secret")
+    hs = FsHarness(tmp_path / "share")
+    err, _ = hs.call(F.INIT, 0, F.INIT_IN.pack(7, 38, 0, 0) + bytes(48))
+    assert err == 0
+    yield hs
+    hs.close()
+
+
+def lookup(h, parent, name: bytes):
+    return h.call(F.LOOKUP, parent, name + b"\0")
+
+
+def test_lookup_refuses_dotdot_and_slashes(h):
+    assert lookup(h, 1, b"..")[0] == -errno.EINVAL
+    assert lookup(h, 1, b"../outside")[0] == -errno.EINVAL
+    assert lookup(h, 1, b"nope")[0] == -errno.ENOENT
+    assert lookup(h, 12345, b"x")[0] == -errno.ESTALE
+
+
+def test_symlink_target_is_data(h, tmp_path):
+    err, body = h.call(F.SYMLINK, 1, b"esc\0../outside\0")
+    assert err == 0
+    nodeid = struct.unpack_from("<Q", body)[0]
+    err, body = h.call(F.READLINK, nodeid, b"")
+    assert (err, body) == (0, b"../outside")
+    assert h.call(F.OPEN, nodeid, F.OPEN_IN.pack(os.O_RDONLY, 0))[0] == -errno.ELOOP
+
+
+def test_unknown_opcode_is_enosys(h):
+    assert h.call(999, 1, b"")[0] == -errno.ENOSYS
+
+
+def test_short_bodies_are_einval(h):
+    assert h.call(F.READ, 1, b"\x01")[0] == -errno.EINVAL
+    assert h.call(F.LOOKUP, 1, b"unterminated")[0] == -errno.EINVAL
+
+
+def test_create_write_read_roundtrip(h, tmp_path):
+    err, body = h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR, 0o644, 0o022, 0) + b"f\0")
+    assert err == 0
+    fh = struct.unpack_from("<Q", body, F.ENTRY_OUT_HEAD.size + F.ATTR.size)[0]
+    err, body = h.call(F.WRITE, 2, F.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"hello")
+    assert (err, struct.unpack("<II", body)[0]) == (0, 5)
+    assert (tmp_path / "share" / "f").read_bytes() == b"hello"
+    err, body = h.call(F.READ, 2, F.READ_IN.pack(fh, 1, 100, 0, 0, 0, 0))
+    assert (err, body) == (0, b"ello")
+    # a write claiming more data than it carries
+    assert h.call(F.WRITE, 2, F.WRITE_IN.pack(fh, 0, 500, 0, 0, 0, 0) + b"x")[0] == -errno.EINVAL
+    assert h.call(F.READ, 2, F.READ_IN.pack(fh + 99, 0, 10, 0, 0, 0, 0))[0] == -errno.EBADF
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.integers(0, 60), nodeid=st.sampled_from([0, 1, 2, 3, 2**64 - 1]),
+       body=st.binary(max_size=200), out_size=st.sampled_from([0, 8, 16, 64, 4096]))
+def test_fuzz_requests_never_escape(h, opcode, nodeid, body, out_size):
+    if opcode == F.DESTROY:
+        return
+    h.call(opcode, nodeid, body, out_size=out_size)
+    assert not h.dev.broken
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(min_size=0, max_size=60))
+def test_fuzz_garbage_headers(h, raw):
+    h.unique += 1
+    h.req.add_chain([(raw or b"\0", False), (64, True)])
+    h.dev._process(1)
+    h.req.take_used()
+    assert not h.dev.broken
