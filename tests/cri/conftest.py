@@ -41,13 +41,15 @@ dial_timeout = 120.0
 
 
 def katapy_unavailable() -> str | None:
-    """Why katapy pods cannot run here, or None."""
-    for art in (paths.guest_bzimage(), paths.guest_initramfs()):
-        if not art.exists():
-            return f"guest artifact {art} is not built (make kernel image)"
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed"
-    return None
+    """Why katapy pods cannot run here (guest artifacts, QEMU, a device back end missing), or None."""
+    from katapy import config as kconfig
+    from katapy.testing.sandbox import missing_requirements
+
+    base = Path(tempfile.mkdtemp(prefix="kpcfg-"))
+    try:
+        return missing_requirements(kconfig.load(katapy_config_file(base), check_files=False))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,9 @@ class PrivateCriContainerd:
         self.root, self.state = base / "root", base / "state"
         self.address = str(base / "c.sock")
         self.bin, self.cni_conf, self.ipam = base / "bin", base / "cni", base / "ipam"
-        self.katapy_state = base / "katapy"
+        # short: a CRI sandbox id is 64 characters and the VM's unix sockets live under
+        # <KATAPY_STATE>/<sandbox id>/vm/ (sun_path holds 107 bytes)
+        self.katapy_state = Path("/run") / f"kp-{tag}"
         self.katapy_config = katapy_config
         self.log_path = base / "containerd.log"
         self.level = level
@@ -341,4 +343,7 @@ class PrivateCriContainerd:
         for p in sorted(self.mounts_under(self.base), key=len, reverse=True):
             subprocess.run(["umount", "-l", p], check=False)
         subprocess.run(["ip", "link", "del", self.net.bridge], capture_output=True, check=False)
+        for p in sorted(self.mounts_under(self.katapy_state), key=len, reverse=True):
+            subprocess.run(["umount", "-l", p], check=False)
+        shutil.rmtree(self.katapy_state, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
