@@ -31,7 +31,7 @@ def guest_bzimage() -> Path:
 
 
 def guest_initramfs() -> Path:
-    return artifacts_dir() / "katapy-initramfs.cpio.gz"
+    return artifacts_dir() / "katapy-initramfs.cpio"
 
 
 def harness_bzimage() -> Path:

@@ -12,7 +12,7 @@ import gzip
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 
 class CpioWriter:
@@ -70,11 +70,21 @@ class CpioWriter:
         self._entry("TRAILER!!!", 0)
 
 
-def write_gz(path: Path, build: "callable[[CpioWriter], None]", level: int = 6) -> None:
-    """Write a gzip-compressed newc archive to ``path`` atomically."""
+def write_archive(path: Path, build: Callable[[CpioWriter], None], compress: bool = False) -> None:
+    """Write a newc archive to ``path`` atomically; gzip-compressed when ``compress``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz:
-        w = CpioWriter(gz)  # type: ignore[arg-type]
-        build(w)
-        w.finish()
+    with open(tmp, "wb") as raw:
+        if compress:
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                w = CpioWriter(gz)  # type: ignore[arg-type]
+                build(w)
+                w.finish()
+        else:
+            w = CpioWriter(raw)
+            build(w)
+            w.finish()
     tmp.replace(path)
+
+
+def write_gz(path: Path, build: Callable[[CpioWriter], None]) -> None:
+    write_archive(path, build, compress=True)
