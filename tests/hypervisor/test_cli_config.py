@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _katapy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "katapy.cli", *args], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src"), **env},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])), **env},
     )
 
 

@@ -60,22 +60,22 @@ def missing_requirements(config: kconfig.KatapyConfig | None = None, backend: st
     if problems:
         return "; ".join(problems)
     decision = hypervisor.decide(backend or cfg.hypervisor.name)
-    needed = ["katapy.vmm.virtio.vsock", "katapy.agent_client"]
+    needed = [("katapy.vmm.virtio.vsock", "VsockDevice"), ("katapy.agent_client", "AgentClient")]
     if cfg.hypervisor.shared_fs == "virtio-fs":
-        needed.append("katapy.vmm.virtio.fs")
+        needed.append(("katapy.vmm.virtio.fs", "FsDevice"))
     if decision.name == "qemu":
-        needed.append("katapy.vmm.virtio.vhost_user")
+        needed.append(("katapy.vmm.virtio.vhost_user", "VhostUserServer"))
         if not os.access(cfg.hypervisor.path, os.X_OK):
             return f"QEMU binary {cfg.hypervisor.path} is missing"
     else:
         if not decision.kvm_flavor.startswith("hardware"):
             return f"the builtin backend needs hardware KVM; this host's KVM is {decision.kvm_flavor}"
-        needed.append("katapy.vmm.api")
-    for module in needed:
+        needed.append(("katapy.vmm.api", "Vmm"))
+    for module, name in needed:
         try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            return f"{module} is not available: {exc}"
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            return f"{module}.{name} is not available: {exc}"
     return None
 
 
@@ -136,21 +136,20 @@ async def sandbox_vm(
         made.append(shared_dir)
     hv = hypervisor.select(cfg, name=backend)
     times: dict[str, float] = {}
-    agent = None
     try:
         t0 = time.monotonic()
         vm = hypervisor.vm_config(cfg, sid, shared_dir=shared_dir, state_dir=state_root / sid,
                                   kernel_params=kernel_params)
         await hv.start_vm(vm)
         times["vm_start_s"] = time.monotonic() - t0
-        agent = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout)
-        times["agent_ready_s"] = time.monotonic() - t0
-        _log.info("sandbox ready", sandbox=sid, backend=hv.name, **times)
-        yield Sandbox(hv, agent, shared_dir, times)
+        connected = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout)
+        # the client serves its ttrpc connection from a nursery: enter and leave it as one block
+        async with connected as agent:
+            times["agent_ready_s"] = time.monotonic() - t0
+            _log.info("sandbox ready", sandbox=sid, backend=hv.name, **times)
+            yield Sandbox(hv, agent, shared_dir, times)
     finally:
         with trio.CancelScope(shield=True):
-            if agent is not None:
-                await agent.aclose()
             t1 = time.monotonic()
             try:
                 await hv.stop_vm()
