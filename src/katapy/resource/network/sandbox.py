@@ -44,11 +44,20 @@ class SandboxNetwork:
         """Give the guest NICs the veths' names, MACs, MTUs, addresses, then the routes."""
         if self.net is None or not self.net.endpoints:
             return
+        from katapy.ttrpc.errors import TtrpcError
+
         for iface in guest.interfaces(self.net):
-            await agent.update_interface(iface)
+            try:
+                await agent.update_interface(iface)
+            except TtrpcError as exc:
+                raise NetworkError(f"the guest agent refused UpdateInterface {iface.name} ({iface.hw_addr}): "
+                                   f"{exc}") from None
         routes = guest.routes(self.net)
         if routes:
-            await agent.update_routes(routes)
+            try:
+                await agent.update_routes(routes)
+            except TtrpcError as exc:
+                raise NetworkError(f"the guest agent refused UpdateRoutes ({len(routes)} routes): {exc}") from None
         self._log.info("guest network configured", interfaces=len(self.net.endpoints), routes=len(routes))
 
     def close_fds(self) -> None:
