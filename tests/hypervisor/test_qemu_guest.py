@@ -79,6 +79,24 @@ def test_agent_health_over_hybrid_vsock(shared_vm: SandboxThread) -> None:
     assert "katapy-agent: ready port=1024" in sb.hypervisor.console_log()  # type: ignore[attr-defined]
 
 
+def test_shared_dir_reaches_the_guest_over_virtio_fs(shared_vm: SandboxThread) -> None:
+    """The agent mounts the share (tag katapy-shared) when CreateSandbox asks: the guest found the
+    vhost-user-fs device QEMU fronts for katapy's FsDevice, and its FUSE session works."""
+    sb = shared_vm.sandbox
+    assert sb is not None
+    if getattr(sb.hypervisor, "cfg", None) is None or sb.hypervisor.cfg.shared_dir is None:  # type: ignore[attr-defined]
+        pytest.skip("katapy.vmm.virtio.fs.FsDevice is not in this tree yet: the VM has no share")
+    from katapy.agent_client.types import Storage
+
+    share = Storage(driver="virtio-fs", source="katapy-shared", fstype="virtiofs", mount_point="/run/katapy/shared")
+
+    async def mount(sb: Sandbox) -> None:
+        await sb.agent.create_sandbox("shared-test", [], "shared-test", [share])
+        await sb.agent.destroy_sandbox()
+
+    shared_vm.run(mount)
+
+
 def test_cli_sandbox_run_health() -> None:
     cfg = _requirements()
     r = subprocess.run(
