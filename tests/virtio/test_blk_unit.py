@@ -1,0 +1,211 @@
+"""virtio-blk without a guest: requests built as a Linux driver builds them, through real rings."""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from katapy.vmm.eventloop import EventLoop
+from katapy.vmm.memory import GuestMemory
+from katapy.vmm.virtio.blk import BlockDevice, DiskImageError
+from katapy.vmm.virtio.blk.device import (
+    CONFIG, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+)
+from katapy.vmm.virtio.blk.request import HEADER, SEGMENT, RequestType, Status
+from katapy.vmm.virtio.device import VIRTIO_F_VERSION_1, EventFdInterrupt
+
+from .driver import DriverQueue
+
+DISK_SECTORS = 2048  # 1 MiB
+
+
+class BlkHarness:
+    def __init__(self, path, read_only=False, features=None):
+        self.mem = GuestMemory.create([(0, 8 << 20)])
+        self.dev = BlockDevice(path, read_only)
+        self.dev.ack_features(self.dev.avail_features() if features is None else features)
+        self.q = DriverQueue(self.mem, 0x1000, 0x100000, 0x600000, size=64)
+        self.loop = EventLoop()
+        self.kick = os.eventfd(0, os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.dev.activate(self.mem, [self.q.state(256)], [self.kick], EventFdInterrupt({0: self.call_fd}), self.loop)
+
+    def request(self, rtype, sector=0, out=b"", in_len=0, status_len=1, indirect=False, split=0):
+        parts = [(HEADER.pack(rtype, 0, sector), False)]
+        if out:
+            if split:
+                parts += [(out[i : i + split], False) for i in range(0, len(out), split)]
+            else:
+                parts.append((out, False))
+        if in_len:
+            parts.append((in_len, True))
+        if status_len:
+            parts.append((status_len, True))
+        head = self.q.add_chain(parts, indirect=indirect)
+        bufs = list(self.q.bufs[head])
+        self.dev._process()
+        (used_head, length, _), = self.q.take_used()
+        assert used_head == head
+        # everything the device could have written, status byte last (the used length may be shorter)
+        return length, b"".join(self.mem.read(b.addr, b.len) for b in bufs if b.write)
+
+    def read(self, sector, nbytes, **kw):
+        length, data = self.request(RequestType.IN, sector, in_len=nbytes, **kw)
+        return data[nbytes], data[:nbytes], length
+
+    def write(self, sector, payload, **kw):
+        length, data = self.request(RequestType.OUT, sector, out=payload, **kw)
+        return data[0]
+
+    def close(self):
+        self.dev.close()
+        self.loop.close()
+        os.close(self.kick)
+        os.close(self.call_fd)
+        self.mem.close()
+
+
+@pytest.fixture
+def disk(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(os.urandom(DISK_SECTORS * 512))
+    return p
+
+
+@pytest.fixture
+def h(disk):
+    hs = BlkHarness(disk)
+    yield hs
+    hs.close()
+
+
+def test_config_space_and_features(disk):
+    dev = BlockDevice(disk, read_only=False)
+    cfg = CONFIG.unpack(dev.config_space())
+    assert cfg[0] == DISK_SECTORS and cfg[6] == 512 and len(dev.config_space()) == 60
+    f = dev.avail_features()
+    assert f >> VIRTIO_F_VERSION_1 & 1 and f >> VIRTIO_BLK_F_FLUSH & 1 and f >> VIRTIO_BLK_F_WRITE_ZEROES & 1
+    assert not f >> VIRTIO_BLK_F_RO & 1
+    dev.close()
+    ro = BlockDevice(disk, read_only=True)
+    f = ro.avail_features()
+    assert f >> VIRTIO_BLK_F_RO & 1 and not f >> VIRTIO_BLK_F_DISCARD & 1 and not f >> VIRTIO_BLK_F_WRITE_ZEROES & 1
+    ro.close()
+
+
+def test_read_returns_image_bytes(h, disk):
+    img = disk.read_bytes()
+    status, data, length = h.read(3, 4096)
+    assert status == Status.OK and data == img[3 * 512 : 3 * 512 + 4096] and length == 4097
+
+
+def test_write_then_read_back_and_on_disk(h, disk):
+    payload = os.urandom(8192)
+    assert h.write(10, payload, split=1536) == Status.OK  # data over descriptors of odd sizes
+    assert disk.read_bytes()[10 * 512 : 10 * 512 + 8192] == payload
+    status, data, _ = h.read(10, 8192, indirect=True)
+    assert status == Status.OK and data == payload
+
+
+def test_out_of_range_and_partial_sectors_fail(h, disk):
+    before = hashlib.sha256(disk.read_bytes()).digest()
+    assert h.read(DISK_SECTORS - 1, 1024)[0] == Status.IOERR
+    assert h.read(2**64 - 1, 512)[0] == Status.IOERR
+    assert h.write(DISK_SECTORS, b"x" * 512) == Status.IOERR
+    assert h.write(0, b"x" * 100) == Status.IOERR
+    assert h.read(0, 100)[0] == Status.IOERR
+    assert hashlib.sha256(disk.read_bytes()).digest() == before
+    assert h.read(DISK_SECTORS - 1, 512)[0] == Status.OK  # the last sector is fine
+
+
+def test_read_only_refuses_writes(disk):
+    before = disk.read_bytes()
+    hs = BlkHarness(disk, read_only=True)
+    try:
+        assert hs.write(0, b"\0" * 512) == Status.IOERR
+        assert hs.request(RequestType.DISCARD, out=SEGMENT.pack(0, 8, 0))[1][0] == Status.UNSUPP
+        assert hs.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(0, 8, 0))[1][0] == Status.UNSUPP
+        assert hs.request(RequestType.FLUSH)[1][0] == Status.OK
+        assert hs.read(0, 512)[1] == before[:512]
+    finally:
+        hs.close()
+    assert disk.read_bytes() == before
+
+
+def test_flush_get_id_and_unknown(h):
+    assert h.request(RequestType.FLUSH) == (1, bytes([Status.OK]))
+    length, data = h.request(RequestType.GET_ID, in_len=20)
+    assert data[20] == Status.OK and data[:7] == b"katapy-" and length == 21
+    assert h.request(77)[1][0] == Status.UNSUPP
+    assert h.request(RequestType.GET_LIFETIME, in_len=16)[1][16] == Status.UNSUPP
+
+
+def test_write_zeroes_and_discard(h, disk):
+    assert h.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(8, 16, 0))[1][0] == Status.OK
+    assert disk.read_bytes()[8 * 512 : 24 * 512] == bytes(16 * 512)
+    assert h.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(40, 8, 1))[1][0] == Status.OK
+    assert disk.read_bytes()[40 * 512 : 48 * 512] == bytes(8 * 512)
+    if h.dev.image.can_discard:
+        assert h.request(RequestType.DISCARD, out=SEGMENT.pack(64, 8, 0))[1][0] == Status.OK
+        assert disk.read_bytes()[64 * 512 : 72 * 512] == bytes(8 * 512)
+        assert h.request(RequestType.DISCARD, out=SEGMENT.pack(64, 8, 1))[1][0] == Status.UNSUPP
+    # bad segments: past the end, too many, unknown flags, ragged payload
+    assert h.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(DISK_SECTORS - 1, 2, 0))[1][0] == Status.IOERR
+    assert h.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(0, 1, 0) * 33)[1][0] == Status.IOERR
+    assert h.request(RequestType.WRITE_ZEROES, out=SEGMENT.pack(0, 1, 4))[1][0] == Status.UNSUPP
+    assert h.request(RequestType.WRITE_ZEROES, out=b"\0" * 10)[1][0] == Status.IOERR
+
+
+def test_malformed_chains(h, disk):
+    before = disk.read_bytes()
+    # no status byte: completed with length 0, queue goes on
+    h.q.add_chain([(HEADER.pack(RequestType.IN, 0, 0), False)])
+    h.dev._process()
+    assert h.q.take_used()[0][1] == 0
+    # header too short
+    head = h.q.add_chain([(b"\1\0\0", False), (1, True)])
+    status_addr = h.q.bufs[head][-1].addr
+    h.dev._process()
+    (_, length, _), = h.q.take_used()
+    assert (length, h.mem.read_u8(status_addr)) == (1, Status.IOERR)
+    # an OUT with a writable data buffer, an IN with readable data
+    assert h.request(RequestType.OUT, in_len=512)[1][512] == Status.IOERR
+    assert h.request(RequestType.IN, out=b"\0" * 512)[1][0] == Status.IOERR
+    assert disk.read_bytes() == before
+    assert h.read(0, 512)[0] == Status.OK and not h.dev.broken
+
+
+def test_bad_images_refused(tmp_path):
+    with pytest.raises(DiskImageError):
+        BlockDevice(tmp_path / "missing.img")
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    with pytest.raises(DiskImageError):
+        BlockDevice(odd)
+    with pytest.raises(DiskImageError):
+        BlockDevice(tmp_path)  # a directory
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.binary(min_size=0, max_size=40), payload=st.binary(max_size=1100),
+       in_len=st.integers(0, 2000), status_len=st.integers(0, 3))
+def test_fuzzed_requests_never_break_the_device(h, disk, header, payload, in_len, status_len):
+    parts = [(header, False)] if header else []
+    if payload:
+        parts.append((payload, False))
+    if in_len:
+        parts.append((in_len, True))
+    if status_len:
+        parts.append((status_len, True))
+    if not parts:
+        return
+    h.q.add_chain(parts)
+    h.dev._process()
+    (_, length, data), = h.q.take_used()
+    writable = in_len + status_len
+    assert 0 <= length <= writable
+    assert not h.dev.broken
+    assert os.path.getsize(disk) == DISK_SECTORS * 512
