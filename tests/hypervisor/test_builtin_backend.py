@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from katapy.hypervisor.base import HypervisorError, UnsupportedError, VmConfig, VmState
+from katapy.hypervisor.base import BlockDevice, HypervisorError, UnsupportedError, VmConfig, VmState
 from katapy.hypervisor.builtin import BuiltinHypervisor
 from katapy.hypervisor.builtin.backend import classify_exit
 from katapy.hypervisor.selection import kvm_flavor
@@ -51,6 +51,8 @@ def test_lifecycle_leaves_nothing(tiny_guest: dict[str, Path], short_tmp: Path) 
             assert hv.state() is VmState.PAUSED
             await hv.resume_vm()
             assert hv.state() is VmState.RUNNING
+            with pytest.raises(UnsupportedError, match="builtin VMM has no hotplug"):
+                await hv.add_device(BlockDevice("late", state / "console.log"))
             with pytest.raises(UnsupportedError, match="builtin VMM has no CPU hotplug"):
                 await hv.resize_vcpus(2)
             with pytest.raises(HypervisorError, match="starts one VM once"):
@@ -85,6 +87,24 @@ def test_a_dying_guest_is_an_exit_not_a_hang(tiny_guest: dict[str, Path], short_
             assert ended.reason == "guest-reset", ended
         assert "katapy-tiny: ready" in ended.console_tail
         assert not (short_tmp / "sb").exists()
+
+    trio.run(main)
+
+
+def test_cold_plugged_disk_is_a_virtio_mmio_device(tiny_guest: dict[str, Path], short_tmp: Path) -> None:
+    pytest.importorskip("katapy.vmm.virtio.blk", reason="katapy's virtio-blk back end is not in this tree yet")
+    img = short_tmp / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+
+    async def main() -> None:
+        hv = BuiltinHypervisor(boot_protocol="pvh")
+        await hv.add_device(BlockDevice("disk0", img, read_only=True))
+        await hv.start_vm(_cfg(tiny_guest, short_tmp / "sb"))
+        try:
+            # vsock, then the disk: two virtio-mmio slots announced to the guest kernel
+            assert hv._vmm.cmdline.count("virtio_mmio.device=4K@") == 2
+        finally:
+            await hv.cleanup()
 
     trio.run(main)
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from katapy import log
-from katapy.hypervisor.base import Hypervisor, HypervisorError, UnsupportedError, VmConfig, VmState
+from katapy.hypervisor.base import (
+    BlockDevice,
+    Device,
+    Hypervisor,
+    HypervisorError,
+    NetDevice,
+    UnsupportedError,
+    VmConfig,
+    VmState,
+)
 from katapy.hypervisor.devices import SandboxDevice
 
 _log = log.get("hypervisor")
@@ -20,6 +29,7 @@ class SandboxVm(Hypervisor):
         self.cfg: VmConfig | None = None
         self._state = VmState.NOT_STARTED
         self._devices: list[SandboxDevice] = []
+        self._cold: list[Device] = []  # block/net devices added before start_vm
         self._times: dict[str, float] = {}
 
     def _check_start(self, cfg: VmConfig) -> None:
@@ -38,6 +48,26 @@ class SandboxVm(Hypervisor):
         state = self.state()
         if state is not want:
             raise HypervisorError(f"{op}: VM is {state.value}, not {want.value}")
+
+    async def add_device(self, dev: Device) -> None:
+        """Cold-plug: record ``dev`` for start_vm.  Neither backend's machine has a hotplug bus."""
+        if self._state is not VmState.NOT_STARTED:
+            raise UnsupportedError(f"add_device {dev.dev_id}: {self.vmm_label} has no hotplug; add devices before start_vm")
+        if not isinstance(dev, (BlockDevice, NetDevice)):
+            raise HypervisorError(f"add_device: unknown device type {type(dev).__name__}")
+        if any(d.dev_id == dev.dev_id for d in self._cold):
+            raise HypervisorError(f"add_device: a device with id {dev.dev_id!r} exists already")
+        if isinstance(dev, BlockDevice) and not dev.path.exists():
+            raise HypervisorError(f"add_device {dev.dev_id}: {dev.path} does not exist")
+        self._cold.append(dev)
+
+    async def remove_device(self, dev_id: str) -> None:
+        if self._state is not VmState.NOT_STARTED:
+            raise UnsupportedError(f"remove_device {dev_id}: {self.vmm_label} has no hot-unplug")
+        before = len(self._cold)
+        self._cold = [d for d in self._cold if d.dev_id != dev_id]
+        if len(self._cold) == before:
+            raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
 
     async def resize_vcpus(self, n: int) -> int:
         current = self.cfg.vcpus if self.cfg else 0

@@ -5,6 +5,9 @@
 * virtio-fs (virtio 1.2, 5.11) with tag ``katapy-shared`` exporting the
   sandbox's ``shared_dir`` (container rootfs and volumes), when there is one.
 
+Block and net devices the shim adds (``cold_device``) get in-process back
+ends with the builtin backend; QEMU uses its own for those.
+
 The device back ends are ``katapy.vmm.virtio``'s.  The builtin backend plugs
 them into its virtio-mmio transport; the qemu backend serves them to QEMU over
 vhost-user.  A missing back end is reported with the module that lacks it.
@@ -15,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from katapy.hypervisor.base import HypervisorError, VmConfig
+from katapy.hypervisor.base import BlockDevice, Device, HypervisorError, VmConfig
 
 SHARED_FS_TAG = "katapy-shared"
 
@@ -55,3 +58,12 @@ def sandbox_devices(cfg: VmConfig) -> list[SandboxDevice]:
             raise
         out.append(SandboxDevice("shared-fs", fs, "vhost-user-fs-device", {"tag": SHARED_FS_TAG}))
     return out
+
+
+def cold_device(dev: Device) -> SandboxDevice:
+    """The in-process back end for a block or net device (the builtin backend's cold-plug)."""
+    if isinstance(dev, BlockDevice):
+        blk_cls = _load("katapy.vmm.virtio.blk", "BlockDevice")
+        return SandboxDevice(dev.dev_id, blk_cls(dev.path, read_only=dev.read_only), "virtio-blk-device", {})
+    net_cls = _load("katapy.vmm.virtio.net", "NetDevice")
+    return SandboxDevice(dev.dev_id, net_cls(dev.tap_name, dev.mac), "virtio-net-device", {})

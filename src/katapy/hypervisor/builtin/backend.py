@@ -22,9 +22,7 @@ import trio
 
 from katapy import log
 from katapy.hypervisor.base import (
-    Device,
     HypervisorError,
-    UnsupportedError,
     VmConfig,
     VmExit,
     VmState,
@@ -32,7 +30,7 @@ from katapy.hypervisor.base import (
     read_tail,
 )
 from katapy.hypervisor.common import SandboxVm
-from katapy.hypervisor.devices import sandbox_devices
+from katapy.hypervisor.devices import cold_device, sandbox_devices
 
 _log = log.get("hypervisor.builtin")
 
@@ -115,6 +113,8 @@ class BuiltinHypervisor(SandboxVm):
         console = self._console = open(cfg.console_path, "ab", buffering=0)
         vmm.add_serial_output(console.write)  # called on a vCPU thread; unbuffered, so readers see it at once
         self._devices = sandbox_devices(cfg)
+        for cold in self._cold:
+            self._devices.append(cold_device(cold))
         for dev in self._devices:
             vmm.add_device(dev.device)
         self._start_called = True  # from here on the VMM owns the devices (it closes them in stop())
@@ -136,12 +136,6 @@ class BuiltinHypervisor(SandboxVm):
         self._need("resume_vm", VmState.PAUSED)
         await trio.to_thread.run_sync(self._vmm.resume)
         self._state = VmState.RUNNING
-
-    async def add_device(self, dev: Device) -> None:
-        raise UnsupportedError(f"add_device {dev.dev_id}: the builtin VMM has no block/net device plumbing yet")
-
-    async def remove_device(self, dev_id: str) -> None:
-        raise UnsupportedError(f"remove_device {dev_id}: the builtin VMM has no device hot-unplug")
 
     def state(self) -> VmState:
         if self._exit is not None:

@@ -13,8 +13,8 @@ Start sequence (``start_vm``):
 The agent is reached through the vsock back end's hybrid-vsock socket,
 ``<state_dir>/vsock.sock``, the same path the builtin backend uses.  microvm
 has neither CPU nor memory hotplug nor a hotplug-capable bus, so devices are
-cold-plugged (``add_device`` before ``start_vm``) and resizing answers
-:class:`UnsupportedError`.
+cold-plugged (``add_device`` before ``start_vm``: QEMU's own virtio-blk /
+virtio-net devices) and resizing answers :class:`UnsupportedError`.
 """
 from __future__ import annotations
 
@@ -28,16 +28,7 @@ from typing import Any
 import trio
 
 from katapy import log
-from katapy.hypervisor.base import (
-    BlockDevice,
-    Device,
-    HypervisorError,
-    NetDevice,
-    UnsupportedError,
-    VmConfig,
-    VmExit,
-    VmState,
-)
+from katapy.hypervisor.base import BlockDevice, HypervisorError, NetDevice, VmConfig, VmExit, VmState
 from katapy.hypervisor.common import SandboxVm
 from katapy.hypervisor.devices import sandbox_devices
 from katapy.hypervisor.qemu.command import QemuLaunch, VhostUserPort, build_command
@@ -62,7 +53,6 @@ class QemuHypervisor(SandboxVm):
         self.seccomp = seccomp
         self.qemu: QemuProcess | None = None
         self._servers: list[Any] = []
-        self._cold: list[Device] = []
         self._cleaned = False
 
     # -- life cycle -------------------------------------------------------------
@@ -142,28 +132,6 @@ class QemuHypervisor(SandboxVm):
         assert self.qemu is not None
         await self.qemu.execute("cont")
         self._state = VmState.RUNNING
-
-    # -- devices and resources ------------------------------------------------------
-    async def add_device(self, dev: Device) -> None:
-        if self._state is not VmState.NOT_STARTED:
-            raise UnsupportedError(
-                f"add_device {dev.dev_id}: QEMU microvm has no hotplug; add devices before start_vm"
-            )
-        if not isinstance(dev, (BlockDevice, NetDevice)):
-            raise HypervisorError(f"add_device: unknown device type {type(dev).__name__}")
-        if any(d.dev_id == dev.dev_id for d in self._cold):
-            raise HypervisorError(f"add_device: a device with id {dev.dev_id!r} exists already")
-        if isinstance(dev, BlockDevice) and not dev.path.exists():
-            raise HypervisorError(f"add_device {dev.dev_id}: {dev.path} does not exist")
-        self._cold.append(dev)
-
-    async def remove_device(self, dev_id: str) -> None:
-        if self._state is not VmState.NOT_STARTED:
-            raise UnsupportedError(f"remove_device {dev_id}: QEMU microvm has no hot-unplug")
-        before = len(self._cold)
-        self._cold = [d for d in self._cold if d.dev_id != dev_id]
-        if len(self._cold) == before:
-            raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
 
     # -- observation ---------------------------------------------------------------------
     def state(self) -> VmState:
