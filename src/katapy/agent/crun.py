@@ -4,6 +4,11 @@ One method per crun verb; every call gets ``--root`` (crun's state directory,
 private to this agent) and ``--log`` (crun writes its own errors there, so
 they never mix with a container's stdio).  A failing command raises
 :class:`CrunError` carrying crun's message.
+
+pivot_root(2) fails with EINVAL while the caller's root is the initial
+ramfs ("rootfs", which can never be unmounted), so when the guest runs from
+an initramfs containers are created with ``--no-pivot`` (crun then moves the
+container root over ``/`` and chroots into it instead).
 """
 from __future__ import annotations
 
@@ -33,14 +38,30 @@ def find_executable(name: str) -> str | None:
     return None
 
 
+def root_is_initramfs(mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether ``/`` is the kernel's initial ramfs (proc(5) mountinfo: fstype after the " - " separator)."""
+    fstype = ""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields, _, tail = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) >= 5 and parts[4] == "/" and tail:
+                    fstype = tail.split()[0]  # the last mount on "/" is the visible one
+    except OSError:
+        return False
+    return fstype == "rootfs"
+
+
 class Crun:
-    def __init__(self, reaper: Reaper, root: str, binary: str | None = None) -> None:
+    def __init__(self, reaper: Reaper, root: str, binary: str | None = None, no_pivot: bool | None = None) -> None:
         found = binary or find_executable("crun")
         if found is None:
             raise FileNotFoundError("crun not found on PATH")
         self.binary = found
         self.root = root
         self.reaper = reaper
+        self.no_pivot = root_is_initramfs() if no_pivot is None else no_pivot
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     def _argv(self, log_path: str, verb: str, args: Sequence[str]) -> list[str]:
@@ -60,6 +81,8 @@ class Crun:
 
     def create(self, cid: str, bundle: str, pid_file: str, fds: dict[int, int], console_socket: str | None) -> None:
         args = ["--bundle", bundle, "--pid-file", pid_file]
+        if self.no_pivot:
+            args.append("--no-pivot")
         if console_socket:
             args += ["--console-socket", console_socket]
         self._run(bundle, "create", [*args, cid], fds)
