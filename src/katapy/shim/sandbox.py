@@ -52,9 +52,12 @@ def sandbox_dir(config: KatapyConfig, sandbox_id: str) -> Path:
 class SandboxManager:
     """Owns one sandbox VM.  ``agent`` is the connected AgentClient once started."""
 
-    def __init__(self, sandbox_id: str, config: KatapyConfig) -> None:
+    def __init__(self, sandbox_id: str, config: KatapyConfig, nursery: trio.Nursery) -> None:
+        """``nursery``: the shim's long-lived nursery; the agent connection's task lives there, since a
+        trio nursery (the ttrpc client's reader) must be entered and left by the same task."""
         self.sandbox_id = sandbox_id
         self.config = config
+        self.nursery = nursery
         self.dir = sandbox_dir(config, sandbox_id)
         self.shared_dir = self.dir / "shared"
         self.hypervisor: Hypervisor | None = None
@@ -63,7 +66,8 @@ class SandboxManager:
         self.record = SandboxRecord(sandbox_id, str(self.dir), str(self.shared_dir), shim_pid=os.getpid())
         self.times = BootTimes()
         self.vm_exit: VmExit | None = None
-        self._agent_cm: Any = None
+        self._agent_release = trio.Event()
+        self._agent_closed = trio.Event()
         self._stopping = False
         self._stopped = False
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
@@ -145,13 +149,27 @@ class SandboxManager:
             raise FailedPrecondition(f"sandbox {self.sandbox_id}: pod network: {exc}") from None
 
     async def _connect_agent(self) -> None:
+        self.agent = await self.nursery.start(self._hold_agent)
+
+    async def _hold_agent(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, hand the client to ``start``, and keep it open until ``stop`` releases it."""
         from katapy.agent_client import AgentClient
 
         assert self.hypervisor is not None
-        cm = await AgentClient.connect(self.hypervisor.agent_socket(), port=self.config.agent.port,
-                                       timeout=self.config.agent.dial_timeout)
-        self.agent = await cm.__aenter__()
-        self._agent_cm = cm
+        started = False
+        try:
+            client = await AgentClient.connect(self.hypervisor.agent_socket(), port=self.config.agent.port,
+                                               timeout=self.config.agent.dial_timeout)
+            async with client as agent:
+                task_status.started(agent)
+                started = True
+                await self._agent_release.wait()
+        except Exception as exc:
+            if not started:
+                raise  # nursery.start hands it to _connect_agent
+            self._log.error("agent connection task failed", error=str(exc))  # must not end the shim
+        finally:
+            self._agent_closed.set()
 
     async def watch_vm(self, on_exit: Callable[[VmExit], Awaitable[None]]) -> None:
         """Wait for the VM to end; an unexpected end calls ``on_exit`` (processes are then lost)."""
@@ -187,10 +205,8 @@ class SandboxManager:
                         await self.agent.destroy_sandbox()
                     except Exception as exc:
                         self._log.info("destroy_sandbox failed", reason=str(exc))
-                try:
-                    await self._agent_cm.__aexit__(None, None, None)
-                except Exception as exc:
-                    self._log.info("agent close failed", reason=str(exc))
+                self._agent_release.set()
+                await self._agent_closed.wait()
                 self.agent = None
             if self.hypervisor is not None:
                 try:

@@ -92,7 +92,7 @@ class VirtContainer:
         from katapy.shim.annotations import sandbox_sizing
 
         sizing = sandbox_sizing(spec.get("annotations") or {}, config.hypervisor)
-        sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config)
+        sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config, self.nursery)
         from katapy.resource.etc_files import hostname_for
 
         await sandbox.start(hostname=hostname_for(spec, req.id), dns=[], netns_path=netns_path_from_spec(spec),
