@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return daemon.run(args)
     except Exception as exc:
-        logger.error("shim failed", error=f"{type(exc).__name__}: {exc}")
+        import traceback
+
+        logger.error("shim failed", error=f"{type(exc).__name__}: {exc}",
+                     traceback="".join(traceback.format_exception(exc))[-6000:])
         if args.action:
             print(f"containerd-shim-katapy-v2 {args.action}: {exc}", file=sys.stderr)
         return 1

@@ -122,11 +122,16 @@ class ProcessIO:
                 break
             view = memoryview(data)
             while view:
+                if self._fds.get(name) != fd:
+                    return  # close() gave up on this FIFO (drain timeout)
                 try:
                     n = os.write(fd, view)
                     view = view[n:]
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(fd)
+                    try:
+                        await trio.lowlevel.wait_writable(fd)
+                    except trio.ClosedResourceError:
+                        return
                 except OSError as exc:  # EPIPE cannot happen on an O_RDWR FIFO; anything else ends it
                     self._log.warning("fifo write failed", stream=name, error=exc.strerror)
                     view = view[len(view):]
@@ -135,6 +140,8 @@ class ProcessIO:
     async def _pump_stdin(self) -> None:
         fd = self._fds["stdin"]
         while True:
+            if self._fds.get("stdin") != fd:
+                return  # close() took the FIFO away (the process is gone): nothing left to forward
             try:
                 data = os.read(fd, READ_CHUNK)
             except BlockingIOError:
@@ -143,7 +150,10 @@ class ProcessIO:
                 with trio.move_on_after(0.2):  # wake up to notice CloseIO
                     async with trio.open_nursery() as n:
                         async def readable() -> None:
-                            await trio.lowlevel.wait_readable(fd)
+                            try:
+                                await trio.lowlevel.wait_readable(fd)
+                            except trio.ClosedResourceError:
+                                pass  # close() ran meanwhile; the loop's check sees it
                             n.cancel_scope.cancel()
 
                         async def closed() -> None:
