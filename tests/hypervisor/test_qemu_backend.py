@@ -204,3 +204,31 @@ def test_cold_plug_devices(tiny_guest: dict[str, Path], short_tmp: Path) -> None
             await hv.cleanup()
 
     trio.run(main)
+
+
+def test_stop_while_another_task_waits_for_exit(tiny_guest: dict[str, Path], short_tmp: Path) -> None:
+    """The shim watches wait_exit() in one task while another stops the VM: both end, once."""
+    fds_before = open_fds()
+
+    async def main() -> None:
+        hv = QemuHypervisor(Path(QEMU))  # type: ignore[arg-type]
+        await hv.start_vm(_cfg(tiny_guest, short_tmp / "sb"))
+        seen = []
+
+        async def watch() -> None:
+            seen.append(await hv.wait_exit())
+
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch)
+                    nursery.start_soon(watch)
+                    await trio.sleep(0.1)
+                    await hv.stop_vm()
+        finally:
+            await hv.cleanup()
+        assert [e.reason for e in seen] == ["stopped", "stopped"]
+        assert seen[0] is seen[1]
+
+    trio.run(main)
+    assert open_fds() == fds_before

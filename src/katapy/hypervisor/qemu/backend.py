@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class QemuHypervisor(SandboxVm):
         self.seccomp = seccomp
         self.qemu: QemuProcess | None = None
         self._servers: list[Any] = []
+        self._backends_lock = threading.Lock()
         self._cleaned = False
 
     # -- life cycle -------------------------------------------------------------
@@ -163,6 +165,11 @@ class QemuHypervisor(SandboxVm):
 
     # -- teardown -------------------------------------------------------------------------
     def _stop_backends(self) -> None:
+        """Stop the vhost-user servers and close the devices (worker thread; wait_exit and stop_vm may race)."""
+        with self._backends_lock:
+            self._stop_backends_locked()
+
+    def _stop_backends_locked(self) -> None:
         servers, self._servers = self._servers, []
         for server in servers:
             try:
