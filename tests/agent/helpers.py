@@ -1,24 +1,25 @@
 """Building blocks for agent tests: a busybox rootfs, OCI specs, and a host-process agent.
 
 The same test bodies run against any agent reachable by an :class:`AgentTarget`:
-the host-process agent here (``--listen unix:``), or an agent in a guest VM
-reached over hybrid vsock (the lead's harness provides such a target: a
-``connect`` coroutine and a ``rootfs`` function returning a guest path).
+the host-process agent here (``--listen unix:``), or the agent as PID 1 of a
+guest VM reached over hybrid vsock (tests/agent/guest.py).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from katapy.agent_client import AgentClient
+from katapy.agent_client.types import Storage
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
@@ -28,11 +29,28 @@ CGROUP_PARENT = f"katapy-agent-test-{os.getpid()}"
 
 @dataclass
 class AgentTarget:
-    """How a test reaches an agent and gives its containers a root filesystem."""
+    """How a test reaches an agent and gives its containers a root filesystem.
+
+    ``storages`` are what CreateSandbox must carry for ``rootfs`` paths to
+    exist (in a guest: the virtio-fs share, as the shim sends it);
+    ``raw_connect`` opens a byte stream straight to the agent's ttrpc
+    listener (for garbage on the wire); ``alive`` says whether the agent's
+    process (host) or VM (guest) is still running.
+    """
 
     connect: Callable[[], Awaitable[AgentClient]]
     rootfs: Callable[[str], str]  # container id -> guest path of a busybox rootfs
     description: str
+    raw_connect: Callable[[], socket.socket]
+    alive: Callable[[], bool]
+    scratch: str  # a directory path in the agent's filesystem tests may mount storages under
+    resolv_conf: str  # where the agent writes CreateSandbox's DNS lines
+    in_guest: bool = False
+    storages: list[Storage] = field(default_factory=list)
+
+    def sandbox_storages(self, *extra: Storage) -> list[Storage]:
+        """CreateSandbox's storages: the target's own (the share) and the test's."""
+        return [*self.storages, *extra]
 
 
 def make_busybox_rootfs(root: Path) -> Path:

@@ -18,7 +18,7 @@ async def start(agent: AgentClient, target: AgentTarget, cid: str, args: list[st
 def test_sigterm_and_sigkill_one_process_and_all(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "sig"
             await start(agent, agent_target, cid, ["sleep", "300"])
             for exec_id in ("a", "b", "c"):
@@ -46,7 +46,7 @@ def test_sigterm_and_sigkill_one_process_and_all(agent_target: AgentTarget) -> N
 def test_oom_kill_reported(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "oom"
             # busybox tail keeps the whole newline-free /dev/zero "line" in memory
             await start(agent, agent_target, cid, ["tail", "/dev/zero"], memory_limit=16 << 20)
@@ -63,7 +63,7 @@ def test_oom_kill_reported(agent_target: AgentTarget) -> None:
 def test_pause_resume_and_stats(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "ticker"
             await start(agent, agent_target, cid, ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"])
             # One reader for the whole test: a cancelled ReadStdout would leave the
@@ -100,25 +100,37 @@ def test_pause_resume_and_stats(agent_target: AgentTarget) -> None:
     trio.run(main)
 
 
-def test_sandbox_hostname_dns_and_tmpfs_storage(agent_target: AgentTarget, host_agent) -> None:  # type: ignore[no-untyped-def]
+def test_sandbox_hostname_dns_and_tmpfs_storage(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            mount_point = str(host_agent.workdir / "scratch")
+            mount_point = f"{agent_target.scratch}/data"
             await agent.create_sandbox("podhost", ["nameserver 10.0.0.53", "search example.org"], "sb1",
-                                       [Storage("ephemeral", "tmpfs", "tmpfs", mount_point, ["size=1m"])])
-            assert host_agent.resolv_conf.read_text() == "nameserver 10.0.0.53\nsearch example.org\n"
+                                       agent_target.sandbox_storages(
+                                           Storage("ephemeral", "tmpfs", "tmpfs", mount_point, ["size=1m"])))
             cid = "bind"
-            spec = make_spec(agent_target.rootfs(cid), ["sh", "-c", "df -k /data | tail -1; echo hi > /data/f"], cid)
-            spec["mounts"].append({"destination": "/data", "type": "bind", "source": mount_point,
-                                   "options": ["rbind", "rw"]})
+            # The container sees the agent's resolv.conf and the tmpfs storage through bind mounts
+            # (as the shim passes them), so the same check holds on a host and in a guest.
+            spec = make_spec(agent_target.rootfs(cid), ["sh", "-c", "cat /etc/resolv.conf; df -k /data | tail -1;"
+                                                        " echo hi > /data/f; cat /data/f"], cid)
+            spec["mounts"] += [{"destination": "/data", "type": "bind", "source": mount_point, "options": ["rbind", "rw"]},
+                               {"destination": "/etc/resolv.conf", "type": "bind", "source": agent_target.resolv_conf,
+                                "options": ["rbind", "ro"]}]
             await agent.create_container(cid, cid, spec)
             await agent.start_container(cid)
             out = await read_all(agent, cid, cid)
             assert await agent.wait_process(cid, cid) == 0
-            assert out.split()[1] == b"1024"  # a 1 MiB tmpfs, mounted by the agent
+            lines = out.decode().splitlines()
+            assert lines[:2] == ["nameserver 10.0.0.53", "search example.org"]
+            assert lines[2].split()[1] == "1024"  # a 1 MiB tmpfs, mounted by the agent
+            assert lines[3] == "hi"
             details = await agent.guest_details()
-            assert "virtio-fs" in details.storage_handlers and not details.init_daemon
+            assert "virtio-fs" in details.storage_handlers
+            assert details.init_daemon is agent_target.in_guest  # PID 1 only in a guest
             await agent.remove_container(cid, 10)
+            await agent.destroy_sandbox()
+            # DestroySandbox unmounted the tmpfs: a second sandbox can mount it again
+            await agent.create_sandbox("podhost", [], "sb2", agent_target.sandbox_storages(
+                Storage("ephemeral", "tmpfs", "tmpfs", mount_point, ["size=2m"])))
             await agent.destroy_sandbox()
 
     trio.run(main)

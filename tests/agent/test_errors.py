@@ -1,7 +1,6 @@
 """Bad requests and garbage on the wire: clear statuses, and the agent keeps serving."""
 from __future__ import annotations
 
-import socket
 import struct
 
 import pytest
@@ -10,13 +9,13 @@ import trio
 from katapy.agent_client.oci import OciSpecError
 from katapy.ttrpc.errors import AlreadyExists, InvalidArgument, NotFound
 
-from .helpers import AgentTarget, HostAgent, make_spec, process_spec
+from .helpers import AgentTarget, make_spec, process_spec
 
 
 def test_bad_requests_get_clear_errors(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             for call in (agent.start_container("nope"), agent.wait_process("nope", "nope"),
                          agent.read_stdout("nope", "nope"), agent.remove_container("nope"),
                          agent.signal_process("nope", "", 9), agent.stats_container("nope")):
@@ -56,7 +55,7 @@ def _frame(stream_id: int, kind: int, data: bytes, length: int | None = None) ->
     return struct.pack(">IIBB", len(data) if length is None else length, stream_id, kind, 0) + data
 
 
-def test_malformed_frames_leave_agent_serving(agent_target: AgentTarget, host_agent: HostAgent) -> None:
+def test_malformed_frames_leave_agent_serving(agent_target: AgentTarget) -> None:
     garbage = [
         b"\xff" * 64,  # absurd length
         _frame(2, 1, b"\x0a\x03abc"),  # even stream id
@@ -66,8 +65,7 @@ def test_malformed_frames_leave_agent_serving(agent_target: AgentTarget, host_ag
         _frame(7, 1, b"", length=5 << 20),  # oversize announcement, then hang up
     ]
     for blob in garbage * 5:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(host_agent.socket))
+        with agent_target.raw_connect() as s:
             s.sendall(blob)
             s.settimeout(0.3)
             try:
@@ -81,4 +79,4 @@ def test_malformed_frames_leave_agent_serving(agent_target: AgentTarget, host_ag
             assert await agent.version()
 
     trio.run(main)
-    assert host_agent.proc.poll() is None
+    assert agent_target.alive()

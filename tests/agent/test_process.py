@@ -41,7 +41,7 @@ def test_echo_and_exit_codes(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
             assert await agent.health_check()
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             status, out, err = await run_container(
                 agent_target, agent, "echo", ["sh", "-c", "echo hello; echo oops >&2; hostname"])
             assert status == 0
@@ -63,7 +63,7 @@ def test_stdin_one_mebibyte_through_cat(agent_target: AgentTarget) -> None:
 
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "cat"
             await agent.create_container(cid, cid, make_spec(agent_target.rootfs(cid), ["cat"], cid))
             await agent.start_container(cid)
@@ -89,7 +89,7 @@ def test_stdin_one_mebibyte_through_cat(agent_target: AgentTarget) -> None:
 def test_tty_process_and_resize(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "tty"
             spec = make_spec(agent_target.rootfs(cid), ["sh", "-c", "read line; stty size; tty"], cid, terminal=True)
             await agent.create_container(cid, cid, spec)
@@ -109,7 +109,7 @@ def test_tty_process_and_resize(agent_target: AgentTarget) -> None:
 def test_exec_into_running_container(agent_target: AgentTarget) -> None:
     async def main() -> None:
         async with await agent_target.connect() as agent:
-            await agent.create_sandbox("pod", [], "sb1", [])
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
             cid = "svc"
             await agent.create_container(cid, cid, make_spec(agent_target.rootfs(cid), ["sleep", "300"], cid))
             await agent.start_container(cid)
