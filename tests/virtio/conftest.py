@@ -48,6 +48,7 @@ class Guest:
     console: Path
     proc: subprocess.Popen
     servers: list = field(default_factory=list)
+    disks: dict = field(default_factory=dict)  # serial -> host image path (virtio-blk over vhost-user)
 
     def connect(self, port: int = TOOL_PORT, timeout: float = 10.0) -> socket.socket:
         """Hybrid vsock: CONNECT <port>, expect OK <hostport>."""
@@ -113,6 +114,38 @@ while true; do sleep 3600; done
 """
 
 
+BLK_RW_SERIAL = "katapy-rw-disk"
+BLK_RO_SERIAL = "katapy-ro-disk"
+BLK_RO_FILE = b"read-only disk contents\n" * 1000
+
+
+def _blk_disks(g: Guest, work: Path) -> list[str]:
+    """Two ext4 images made on the host (the guest image has no mkfs.ext4): one writable, one read-only."""
+    try:
+        from katapy.vmm.virtio.blk import BlockDevice
+    except ImportError:
+        return []
+    if not shutil.which("mkfs.ext4"):
+        return []
+    from katapy.vmm.virtio.vhost_user import VhostUserServer
+
+    seed = work / "ro-seed"
+    seed.mkdir()
+    (seed / "data.bin").write_bytes(BLK_RO_FILE)
+    args: list[str] = []
+    for serial, ro in ((BLK_RW_SERIAL, False), (BLK_RO_SERIAL, True)):
+        img = work / f"{serial}.img"
+        with open(img, "wb") as f:
+            f.truncate(64 << 20)
+        mkfs = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+        subprocess.run([*mkfs, *(["-d", str(seed)] if ro else []), str(img)], check=True, capture_output=True)
+        sock = work / f"vu-{serial}.sock"
+        g.servers.append(VhostUserServer(BlockDevice(img, read_only=ro, serial=serial), sock))
+        g.disks[serial] = img
+        args += ["-chardev", f"socket,id={serial},path={sock}", "-device", f"vhost-user-blk,chardev={serial}"]
+    return args
+
+
 @pytest.fixture(scope="session")
 def guest(tmp_path_factory) -> Guest:
     kernel, mods, where = _kernel()
@@ -146,6 +179,7 @@ def guest(tmp_path_factory) -> Guest:
         g.servers.append(VhostUserServer(FsDevice(FS_TAG, shared), work / "vu-fs.sock"))
         fs_args = ["-chardev", f"socket,id=fs,path={work / 'vu-fs.sock'}",
                    "-device", f"vhost-user-fs-device,chardev=fs,tag={FS_TAG}"]
+    blk_args = _blk_disks(g, work)
     for s in g.servers:
         s.start()
     acpi = "on" if mods else "off"
@@ -156,7 +190,7 @@ def guest(tmp_path_factory) -> Guest:
         "-append", "console=ttyS0 reboot=t panic=-1 loglevel=4",
         "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem",
         "-chardev", f"socket,id=vs,path={work / 'vu-vsock.sock'}", "-device", "vhost-user-vsock-device,chardev=vs",
-        *fs_args, "-no-reboot",
+        *fs_args, *blk_args, "-no-reboot",
     ]
     g.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(work / "qemu.out", "wb"),
                               stderr=subprocess.STDOUT)

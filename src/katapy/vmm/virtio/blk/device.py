@@ -44,7 +44,7 @@ VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 
-QUEUE_SIZE = 256
+QUEUE_SIZE = 1024  # QEMU's virtio-mmio offers QueueNumMax 1024 whatever queue-size says; Linux takes it
 SEG_MAX = 128  # data segments in one request (the chain holds two more: header and status)
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 32
@@ -54,6 +54,9 @@ MAX_WRITE_ZEROES_SEG = 32
 
 #: struct virtio_blk_config (5.2.4) up to write_zeroes_may_unmap and its padding: 60 bytes.
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+#: The whole 1.2 layout (secure-erase and zoned fields follow, zero: those features are not offered).
+#: A front end such as QEMU reads as many bytes as the features it knows imply.
+CONFIG_SIZE = 96
 
 
 class BlockDevice(VirtioDevice):
@@ -104,7 +107,7 @@ class BlockDevice(VirtioDevice):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT_SECTORS,
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
             1 if self.image.can_discard else 0,  # write_zeroes_may_unmap
-        )
+        ).ljust(CONFIG_SIZE, b"\0")
 
     # -- life cycle ------------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues: list[QueueState], kick_fds: list[int], interrupt: Interrupt,
