@@ -39,10 +39,8 @@ PYTHON_DEPS = ("google/protobuf", "google/_upb", "pyroute2")
 # Parts of Debian's stdlib the agent never imports: dropped to keep the image small.
 STDLIB_PRUNE = (
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
-    "unittest", "config-3.11-x86_64-linux-gnu", "sqlite3", "dbm", "curses", "venv", "xmlrpc",
-    "wsgiref", "email", "http", "urllib", "html", "xml", "multiprocessing", "concurrent", "asyncio",
-    "lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so", "lib-dynload/_hashlib.cpython-311-x86_64-linux-gnu.so",
-    "lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so", "lib-dynload/_dbm.cpython-311-x86_64-linux-gnu.so",
+    "config-3.11-x86_64-linux-gnu", "dbm", "curses", "venv", "xmlrpc", "wsgiref", "html",
+"lib-dynload/_dbm.cpython-311-x86_64-linux-gnu.so",
     "lib-dynload/_gdbm.cpython-311-x86_64-linux-gnu.so", "lib-dynload/readline.cpython-311-x86_64-linux-gnu.so",
     "lib-dynload/_curses.cpython-311-x86_64-linux-gnu.so",
     "lib-dynload/_curses_panel.cpython-311-x86_64-linux-gnu.so",
@@ -143,7 +141,9 @@ def _python_dep_dir(dep: str) -> Path:
 def cache_key(versions: dict[str, str]) -> str:
     h = hashlib.sha256()
     h.update(f"builder={BUILDER_VERSION}\npython={sys.version_info[:2]}\n".encode())
-    h.update(INIT_SCRIPT.encode())
+    # the recipe itself: this module, the cpio writer and the package list
+    for f in (Path(__file__), Path(__file__).with_name("cpio.py"), IMAGE_CONFIG_DIR / "packages.txt"):
+        h.update(f.read_bytes())
     for n in sorted(versions):
         h.update(f"{n}={versions[n]}\n".encode())
     for f in _agent_sources():
@@ -296,6 +296,27 @@ def _add_python(root: Path) -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
 
+SMOKE = (
+    "import katapy.agent.server, katapy.agent.network, katapy.agent.container;"
+    "from google.protobuf.internal import api_implementation as a; assert a.Type() == 'upb', a.Type();"
+    "from pyroute2 import IPRoute; IPRoute().close(); print('smoke ok')"
+)
+
+
+def _smoke_test(root: Path) -> None:
+    """Run the guest's Python inside the unpacked image (chroot): the agent's imports must resolve there.
+
+    (crun is covered by check_libraries; running it needs /proc, which a bare chroot lacks.)"""
+    if os.geteuid() != 0:
+        _progress("not root: skipping the in-image smoke test")
+        return
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/usr/lib/katapy", "PYTHONDONTWRITEBYTECODE": "1"}
+    for argv in (["/usr/bin/python3.11", "-S", "-c", SMOKE],):
+        r = subprocess.run(["/usr/sbin/chroot", str(root), *argv], capture_output=True, text=True, env=env, timeout=120)
+        if r.returncode != 0:
+            raise ImageBuildError(f"in-image smoke test `{' '.join(argv[:2])}` failed: {(r.stderr or r.stdout)[-1500:]}")
+
+
 def build(force: bool = False, config_dir: Path = IMAGE_CONFIG_DIR) -> GuestImage:
     names = package_names(config_dir)
     versions = resolve_versions(names)
@@ -322,6 +343,7 @@ def build(force: bool = False, config_dir: Path = IMAGE_CONFIG_DIR) -> GuestImag
     _progress("adding the agent and compiling .pyc")
     _add_python(root)
     check_libraries(root)
+    _smoke_test(root)
     for d in ("proc", "sys", "dev", "run", "tmp", "etc", "root", "var", "mnt"):
         (root / d).mkdir(exist_ok=True)
     (root / "init").write_text(INIT_SCRIPT)
