@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
     log.configure(opts.get("log-level") or params.get("katapy.log", "info"))
     listen_spec = opts.get("listen") or f"vsock:{params.get('katapy.agent_port', DEFAULT_PORT)}"
     if listen_spec.startswith("vsock:"):
-        log.connect_vsock(LOG_PORT)
+        log.keep_vsock_connected(LOG_PORT)
 
     from katapy.agent.container import Containers
     from katapy.agent.crun import Crun
@@ -134,13 +134,13 @@ def main(argv: list[str]) -> int:
     state_dir = opts.get("state-dir", "/run/katapy/containers")
     containers = Containers(reaper, state_dir, Crun(reaper, os.path.join(state_dir, ".crun")))
     sandbox = Sandbox(containers, opts.get("resolv-conf", "/etc/resolv.conf"))
-    server = SyncServer()
+    server = SyncServer(log.PrintfLogger("ttrpc"))
     AgentServer(sandbox, init_daemon=is_init).register(server)
     sock = listen(listen_spec)
     kind, _, where = listen_spec.partition(":")
     ready = f"port={where}" if kind == "vsock" else f"listen={listen_spec}"
     print(f"katapy-agent: ready {ready}", flush=True)
-    log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init)
+    log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init, uptime_s=_uptime())
     _install_signal_handlers(server, is_init)
     try:
         server.serve_listener(sock)
@@ -155,6 +155,15 @@ def main(argv: list[str]) -> int:
         reaper.stop()
         log.info("agent stopped")
     return 0
+
+
+def _uptime() -> str:
+    """Seconds since the kernel booted (/proc/uptime, proc(5)): the agent's start-up cost in a guest."""
+    try:
+        with open("/proc/uptime") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _install_signal_handlers(server, is_init: bool) -> None:  # type: ignore[no-untyped-def]

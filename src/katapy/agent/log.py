@@ -51,6 +51,36 @@ def connect_vsock(port: int = 1025, cid: int = 2) -> bool:
     return True
 
 
+RETRY_MAX_S = 5.0
+
+
+def keep_vsock_connected(port: int = 1025, cid: int = 2) -> None:
+    """Dial the host log port now and, from a daemon thread, again whenever no connection is up.
+
+    The host may start listening after the agent (hybrid vsock: ``<uds>_1025``
+    appears when the runtime wants the log) or close the stream; the retry
+    interval doubles from 0.5 s up to RETRY_MAX_S while nobody listens.
+    """
+    connect_vsock(port, cid)
+
+    def redial() -> None:
+        delay = 0.5
+        while True:
+            time.sleep(delay)
+            with _lock:
+                connected = bool(_sinks)
+            if connected:
+                delay = 0.5
+                continue
+            if connect_vsock(port, cid):
+                info("log connected to host", port=port)
+                delay = 0.5
+            else:
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    threading.Thread(target=redial, name="log-port", daemon=True).start()
+
+
 def _emit(level: str, event: str, fields: dict[str, object]) -> None:
     if _LEVELS[level] < _level:
         return
@@ -87,3 +117,35 @@ def warning(event: str, **fields: object) -> None:
 
 def error(event: str, **fields: object) -> None:
     _emit("error", event, fields)
+
+
+class PrintfLogger:
+    """The agent's log behind the stdlib ``Logger`` calls the ttrpc sync server makes
+    (``log.warning("... %s", arg)``), without importing :mod:`logging`."""
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+
+    def _say(self, level: str, msg: str, args: tuple[object, ...]) -> None:
+        try:
+            text = msg % args if args else msg
+        except (TypeError, ValueError):
+            text = f"{msg} {args!r}"
+        _emit(level, text, {"source": self.component})
+
+    def debug(self, msg: str, *args: object) -> None:
+        self._say("debug", msg, args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._say("info", msg, args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._say("warning", msg, args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self._say("error", msg, args)
+
+    def exception(self, msg: str, *args: object) -> None:
+        import traceback
+
+        self._say("error", msg + "\n" + traceback.format_exc(), args)
