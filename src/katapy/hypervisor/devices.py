@@ -15,6 +15,7 @@ vhost-user.  A missing back end is reported with the module that lacks it.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,4 +67,6 @@ def cold_device(dev: Device) -> SandboxDevice:
         blk_cls = _load("katapy.vmm.virtio.blk", "BlockDevice")
         return SandboxDevice(dev.dev_id, blk_cls(dev.path, read_only=dev.read_only), "virtio-blk-device", {})
     net_cls = _load("katapy.vmm.virtio.net", "NetDevice")
-    return SandboxDevice(dev.dev_id, net_cls(dev.tap_name, dev.mac), "virtio-net-device", {})
+    # the back end owns (and closes) the fd it gets: hand it a duplicate, the caller keeps its own
+    tap_fd = os.dup(dev.tap_fd) if dev.tap_fd is not None else None
+    return SandboxDevice(dev.dev_id, net_cls(dev.tap_name, dev.mac, tap_fd=tap_fd), "virtio-net-device", {})

@@ -86,8 +86,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for idx, i in enumerate(items):
         if i in kvm_items:
             new = HarnessItem.from_parent(i.parent, name=i.name, original_nodeid=i.nodeid)
-            for m in i.iter_markers():
-                new.add_marker(m)
+            new.own_markers.extend(i.iter_markers())  # Mark objects (add_marker wants decorators)
             items[idx] = new
 
 
