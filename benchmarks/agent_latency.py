@@ -62,6 +62,7 @@ def host_reference(runs: int, workdir: Path) -> tuple[list[float], list[float]]:
 
     from katapy.agent_client import AgentClient
 
+    (workdir / "host").mkdir()
     host = HostAgent(workdir / "host")
     try:
         rootfs = make_busybox_rootfs(workdir / "host-rootfs")
