@@ -363,7 +363,7 @@ def build(force: bool = False, config_dir: Path = IMAGE_CONFIG_DIR) -> GuestImag
                 "unpacked_bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())}
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     shutil.rmtree(root)
-    _progress(f"built {out} in {time.monotonic() - t0:.0f} s: {size / 1e6:.1f} MB compressed, "
+    _progress(f"built {out} in {time.monotonic() - t0:.0f} s: {size / 1e6:.1f} MB archive, "
               f"{manifest['unpacked_bytes'] / 1e6:.1f} MB unpacked")
     _link(out)
     return GuestImage(out, manifest)
