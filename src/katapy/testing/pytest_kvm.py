@@ -87,7 +87,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if i in kvm_items:
             new = HarnessItem.from_parent(i.parent, name=i.name, original_nodeid=i.nodeid)
             new.own_markers.extend(i.iter_markers())  # Mark objects (add_marker wants decorators)
+            # the first delegated item waits for the whole harness run: pytest-timeout's per-test
+            # limit must not cut it short (a cut-short run is redone by the next item)
+            new.add_marker(pytest.mark.timeout(_harness_timeout() + 120))
             items[idx] = new
+
+
+def _harness_timeout() -> float:
+    return float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "1500"))
 
 
 def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
@@ -100,8 +107,7 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
     py = os.path.relpath(sys.executable, paths.REPO_ROOT) if sys.executable.startswith(str(paths.REPO_ROOT)) else sys.executable
     args = " ".join(f"'{n}'" for n in nodeids)
     cmd = f"{py} -m pytest -p no:cacheprovider -q -rA --junitxml=/run/katapy-harness/junit.xml {args}"
-    timeout = float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "1500"))
-    result = run_in_kvm_vm(cmd, timeout=timeout)
+    result = run_in_kvm_vm(cmd, timeout=_harness_timeout())
     _STATE["harness_seconds"] = result.seconds
     outcomes: dict[str, InnerOutcome] = {}
     junit = result.files.get("junit.xml")
