@@ -33,6 +33,10 @@ from katapy.testing.initramfs import busybox_initramfs
 
 EXIT_MARKER = "KATAPY-HARNESS-EXIT"
 QEMU = "qemu-system-x86_64"
+# `max` emulates AMD SVM. `+invtsc` matters: without an invariant TSC the L1 kernel has no constant_tsc,
+# KVM's per-CPU TSC frequency stays 0 and KVM_RUN spins forever on KVM_REQ_CLOCK_UPDATE before the first
+# VMRUN (measured: every KVM_RUN in L1 hung; with +invtsc a raw KVM program reaches HLT at once).
+HARNESS_CPU = "max,+invtsc"
 # tmpfs mounts inside the chroot, where the command may write
 WRITABLE = ("/tmp", "/run", "/var/lib/containerd", "/var/lib/cni", "/var/run/netns", "/root/.cache", "/var/tmp")
 
@@ -107,7 +111,7 @@ def run_in_kvm_vm(
     timeout: float = 600,
     workdir: Path | None = None,
     memory_mib: int = 2048,
-    cpus: int = 2,
+    cpus: int = int(os.environ.get("KATAPY_HARNESS_CPUS", "2")),
     stream: bool = False,
     files: dict[str, bytes] | None = None,
 ) -> HarnessResult:
@@ -129,10 +133,10 @@ def run_in_kvm_vm(
         initrd = busybox_initramfs(Path(tmp) / "l1-init.cpio.gz", _init_script(str(workdir)))
         argv = [
             QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-            "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(cpus),
+            "-accel", "tcg", "-cpu", os.environ.get("KATAPY_HARNESS_CPU", HARNESS_CPU), "-m", str(memory_mib), "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 reboot=t panic=-1 quiet loglevel=3",
+            "-append", "console=ttyS0 reboot=t panic=-1 quiet loglevel=3 " + os.environ.get("KATAPY_HARNESS_APPEND", ""),
             "-fsdev", "local,id=hr,path=/,security_model=passthrough,readonly=on,multidevs=remap",
             "-device", "virtio-9p-device,fsdev=hr,mount_tag=hostroot",
             "-fsdev", f"local,id=wk,path={workdir},security_model=passthrough,multidevs=remap",
@@ -168,7 +172,7 @@ def run_in_kvm_vm(
         console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
         seconds = time.monotonic() - t0
         result = _result(console, seconds, timed_out, proc.returncode)
-        for f in scratch.iterdir():
+        for f in (scratch.iterdir() if scratch.is_dir() else ()):
             if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
                 result.files[f.name] = f.read_bytes()
         return result
