@@ -59,9 +59,10 @@ def _blob(blobs: Path, data: bytes) -> tuple[str, int]:
 
 
 def build(out_tar: Path, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX,
-          entrypoint: list[str] | None = None) -> Path:
+          entrypoint: list[str] | None = None, user: str | None = None) -> Path:
     """Write an OCI image-layout tar at ``out_tar``; returns it.  ``entrypoint``: the config's Entrypoint
-    (e.g. ``["sleep", "inf"]`` for a CRI pause image); default none, Cmd ``sh``."""
+    (e.g. ``["sleep", "inf"]`` for a CRI pause image); default none, Cmd ``sh``.  ``user``: the config's
+    User (image-spec config.md: "uid", "uid:gid", or a name), which ``ctr run`` puts in process.user."""
     work = out_tar.with_suffix(".d")
     blobs = work / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,8 @@ def build(out_tar: Path, name: str = DEFAULT_NAME, busybox: Path = BUSYBOX,
     }
     if entrypoint is not None:
         config["config"]["Entrypoint"], config["config"]["Cmd"] = list(entrypoint), []
+    if user is not None:
+        config["config"]["User"] = user
     config_digest, config_size = _blob(blobs, json.dumps(config).encode())
     manifest = {
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
