@@ -115,6 +115,7 @@ class ContainerManager:
         except (rootfs.RootfsError, volumes.VolumeError) as exc:
             raise InvalidArgument(f"container {req.id}: {exc}") from None
 
+        t0 = time.monotonic()
         init = Process(req.id, "", req.stdio, spec["process"])
         container = Container(req.id, req.bundle, spec, req.rootfs, init)
         try:
@@ -135,7 +136,7 @@ class ContainerManager:
         self.sandbox.record.save()
         pid = self.task_pid
         self.publish(ev.TaskCreated(req.id, str(req.bundle), req.rootfs, req.stdio, pid))
-        self._log.info("container created", container_id=req.id)
+        self._log.info("container created", container_id=req.id, create_s=round(time.monotonic() - t0, 3))
         return pid
 
     async def start(self, cid: str, exec_id: str) -> int:
@@ -144,6 +145,7 @@ class ContainerManager:
         if proc.status != t.TaskStatus.CREATED:
             raise FailedPrecondition(f"process {cid}/{exec_id or 'init'} is {proc.status.name.lower()}, not created")
         agent = self.sandbox.agent
+        t0 = time.monotonic()
         if exec_id:
             if c.init.status not in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED):
                 raise FailedPrecondition(f"container {cid} is not running; cannot start exec {exec_id}")
@@ -158,6 +160,7 @@ class ContainerManager:
         # published before Start returns, so it precedes TaskExit (protocols.md section 2)
         self.publish(ev.ExecStarted(cid, exec_id, pid) if exec_id else ev.TaskStarted(cid, pid))
         self.nursery.start_soon(self._wait_exit, c, proc)
+        self._log.info("process started", container_id=cid, exec_id=exec_id, start_s=round(time.monotonic() - t0, 3))
         return pid
 
     async def _wait_exit(self, c: Container, proc: Process) -> None:
