@@ -88,7 +88,13 @@ def test_guest_pings_tap_host_and_streams_tcp() -> None:
                 await hv.add_device(NetDeviceSpec("net0", TAP, GUEST_MAC, tap_fd=tap_fd))
                 vm = hypervisor.vm_config(cfg, "sb-net", shared_dir=shared, state_dir=workdir / "state")
                 await hv.start_vm(vm)
-                async with await connect_agent(hv, cfg.agent.port, 120) as agent:
+                try:
+                    connected = await connect_agent(hv, cfg.agent.port, 120)
+                except Exception as exc:
+                    console = hv.console_log()[-2000:]  # type: ignore[attr-defined]
+                    raise AssertionError(f"the builtin guest's agent never answered: {exc}\n"
+                                         f"console tail:\n{console}") from exc
+                async with connected as agent:
                     from katapy.agent_client.types import Storage
 
                     await agent.create_sandbox("net", [], "sb-net", [
