@@ -82,6 +82,18 @@ class Guest:
     def console_text(self) -> str:
         return self.console.read_text(errors="replace")
 
+    def stop(self) -> None:
+        """Stop QEMU (terminate, then kill after 10 s) and the back-end servers."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for s in self.servers:
+            s.stop()
+
 
 def _read_all(s: socket.socket) -> bytes:
     parts = []
@@ -207,11 +219,4 @@ def guest(tmp_path_factory) -> Guest:
             time.sleep(0.2)
         yield g
     finally:
-        g.proc.terminate()
-        try:
-            g.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait()
-        for s in g.servers:
-            s.stop()
+        g.stop()

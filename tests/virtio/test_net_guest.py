@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -30,15 +29,13 @@ from katapy.testing.sandbox import connect_agent, missing_requirements
 
 from agent.helpers import make_busybox_rootfs, make_spec  # tests/ is on sys.path (rootdir-relative packages)
 
+from .netns_tap import TcpSink, make_tap
+
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
 TAP, GUEST_MAC = "ktapg0", "02:00:00:00:78:02"
 HOST_IP, GUEST_IP = "10.78.0.1", "10.78.0.2"
 PAYLOAD = 1 << 20
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def test_guest_pings_tap_host_and_streams_tcp() -> None:
@@ -54,34 +51,14 @@ def test_guest_pings_tap_host_and_streams_tcp() -> None:
     from katapy.resource.network.tap import open_queue
 
     ns = f"katapy-gnet-{uuid.uuid4().hex[:8]}"
-    _ip("netns", "add", ns)
     workdir = Path(tempfile.mkdtemp(prefix="kn-", dir="/tmp"))
     tap_fd = -1
     try:
-        _ip("-n", ns, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
-        _ip("-n", ns, "addr", "add", f"{HOST_IP}/24", "dev", TAP)
-        _ip("-n", ns, "link", "set", TAP, "up")
+        make_tap(ns, TAP, HOST_IP)
         tap_fd = run_in_netns(f"/var/run/netns/{ns}", open_queue, TAP)
 
-        def listener() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST_IP, 8000))
-            s.listen(1)
-            s.settimeout(120)
-            return s
-
-        server = run_in_netns(f"/var/run/netns/{ns}", listener)
         shared = workdir / "shared"
         make_busybox_rootfs(shared / "net" / "rootfs")
-        received = bytearray()
-
-        def accept() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(120)
-                while chunk := conn.recv(65536):
-                    received.extend(chunk)
-
         async def main() -> tuple[int, bytes]:
             hv = hypervisor.select(cfg, name="builtin")
             try:
@@ -122,15 +99,11 @@ def test_guest_pings_tap_host_and_streams_tcp() -> None:
                     await hv.stop_vm()
                     await hv.cleanup()
 
-        import threading
-
-        t = threading.Thread(target=accept, daemon=True)
-        t.start()
+        sink = TcpSink(ns, HOST_IP, 8000)
         try:
             status, out = trio.run(main)
         finally:
-            server.close()
-            t.join(10)
+            received = sink.close(wait=10)
         text = out.decode(errors="replace")
         assert status == 0, text
         assert "3 packets transmitted, 3 packets received" in text
@@ -139,5 +112,5 @@ def test_guest_pings_tap_host_and_streams_tcp() -> None:
     finally:
         if tap_fd >= 0:
             os.close(tap_fd)
-        _ip("netns", "delete", ns)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -27,15 +27,12 @@ from katapy.vmm.virtio.net.header import HEADER_SIZE, VIRTIO_NET_HDR_F_NEEDS_CSU
 
 from cri.frames import checksum  # tests/ is on sys.path (rootdir-relative packages)
 from .driver import DriverQueue
+from .netns_tap import ip, make_tap
 
 GUEST_MAC = "02:00:00:00:00:02"
 HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
 TAP = "ktap0"
 RX_BUF = HEADER_SIZE + 1514  # Linux's small receive buffer: header + a 1500-MTU frame
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @dataclass
@@ -64,18 +61,14 @@ def netns() -> Iterator[NetNs]:
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("/dev/net/tun is missing")
     ns = NetNs(f"katapy-net-{uuid.uuid4().hex[:8]}")
-    _ip("netns", "add", ns.name)
     try:
-        _ip("-n", ns.name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
+        make_tap(ns.name, TAP, HOST_IP)
         subprocess.run(["ip", "netns", "exec", ns.name, "sysctl", "-qw", f"net.ipv6.conf.{TAP}.disable_ipv6=1"],
                        check=True)
-        _ip("-n", ns.name, "addr", "add", f"{HOST_IP}/24", "dev", TAP)
-        _ip("-n", ns.name, "link", "set", TAP, "up")
-        _ip("-n", ns.name, "link", "set", "lo", "up")
-        _ip("-n", ns.name, "neigh", "add", GUEST_IP, "lladdr", GUEST_MAC, "dev", TAP, "nud", "permanent")
+        ip("-n", ns.name, "neigh", "add", GUEST_IP, "lladdr", GUEST_MAC, "dev", TAP, "nud", "permanent")
         yield ns
     finally:
-        _ip("netns", "delete", ns.name)
+        subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True)
 
 
 class NetHarness:
@@ -106,7 +99,7 @@ class NetHarness:
         self.tx.add_chain([(header, False), (frame, False)])
         os.eventfd_write(self.kicks[1], 1)
 
-    def used(self, q: DriverQueue, want: int, timeout: float = 5.0) -> list[tuple[int, int, bytes]]:
+    def used(self, q: DriverQueue, want: int, timeout: float = 15.0) -> list[tuple[int, int, bytes]]:
         got: list[tuple[int, int, bytes]] = []
         deadline = time.monotonic() + timeout
         while len(got) < want and time.monotonic() < deadline:
@@ -114,7 +107,7 @@ class NetHarness:
             time.sleep(0.01)
         return got
 
-    def receive_udp(self, port: int, want: int, timeout: float = 5.0) -> list[bytes]:
+    def receive_udp(self, port: int, want: int, timeout: float = 15.0) -> list[bytes]:
         """Payloads of UDP datagrams to GUEST_IP:port that arrive in receive buffers."""
         out: list[bytes] = []
         deadline = time.monotonic() + timeout
@@ -210,7 +203,8 @@ def test_host_to_guest_udp_with_frames_waiting_for_buffers(net: NetHarness, netn
         time.sleep(0.3)
         assert net.rx.take_used() == []
         net.post_rx(8)
-        assert net.receive_udp(9000, 3) == payloads
+        got = net.receive_udp(9000, 3)
+        assert got == payloads, (net.dev.stats, len(got))
         # and with buffers already posted
         host.sendto(b"late", (GUEST_IP, 9000))
         assert net.receive_udp(9000, 1) == [b"late"]

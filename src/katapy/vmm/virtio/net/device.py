@@ -5,7 +5,7 @@ queue, no multiqueue).  Features offered: VERSION_1, EVENT_IDX, MAC (the MAC
 is in config space) and STATUS (link always up).  No checksum or
 segmentation offload and no MRG_RXBUF: the driver posts receive buffers that
 each hold a whole frame (Linux's "small buffers", 5.1.6.3.1) and sends whole,
-checksummed frames.
+checksummed frames.  A legacy driver (no VERSION_1) gets the 10-byte header.
 
 Both directions run on the device's event-loop thread:
 
@@ -33,8 +33,9 @@ from katapy.vmm.virtio.device import (
     VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, DeviceError, Interrupt, QueueState, VirtioDevice,
 )
 from katapy.vmm.virtio.net.header import (
-    ETH_HEADER_LEN, HEADER_SIZE, MAX_FRAME_LEN, NetHeader, check_tx_header,
+    ETH_HEADER_LEN, HEADER_SIZE, LEGACY_HEADER_SIZE, MAX_FRAME_LEN, NetHeader, check_tx_header,
 )
+from katapy.vmm.virtio.net.tap import TapError
 from katapy.vmm.virtio.net.tap import Tap
 from katapy.vmm.virtio.queue import DescriptorChain, Queue
 
@@ -47,7 +48,7 @@ VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
 
 RX_QUEUE, TX_QUEUE = 0, 1
-QUEUE_SIZE = 256
+QUEUE_SIZE = 1024  # QEMU's virtio-mmio front end lets the driver pick up to 1024 (vhost-user)
 #: frames moved per event before yielding the loop to other devices
 BATCH = 64
 
@@ -79,6 +80,7 @@ class NetDevice(VirtioDevice):
         self._loop: EventLoop | None = None
         self._tap_watched = False
         self._pending: bytes | None = None  # a frame read from the tap, waiting for a receive buffer
+        self._hdr = HEADER_SIZE  # 10 for a driver without VERSION_1 (legacy)
         self.stats = {"rx_frames": 0, "rx_bytes": 0, "rx_dropped": 0,
                       "tx_frames": 0, "tx_bytes": 0, "tx_dropped": 0, "bad_chains": 0}
 
@@ -99,6 +101,11 @@ class NetDevice(VirtioDevice):
             raise DeviceError("virtio-net needs its receive and transmit queues")
         if self.tap.fd < 0:
             raise DeviceError("virtio-net: the tap was closed")
+        self._hdr = HEADER_SIZE if self.has_feature(VIRTIO_F_VERSION_1) else LEGACY_HEADER_SIZE
+        try:
+            self.tap.set_header_size(self._hdr)
+        except TapError as e:
+            raise DeviceError(str(e)) from None
         event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
         for q in queues[:2]:
             q.event_idx = event_idx
@@ -110,9 +117,11 @@ class NetDevice(VirtioDevice):
         loop.add(self.tap.fd, self._on_tap)
         self._tap_watched = True
         _log.info("virtio-net activated", tap=self.tap.name, mac=self.mac.hex(":"),
-                  features=hex(self.acked_features))
-        self._transmit()
-        self._receive()
+                  features=hex(self.acked_features), header_bytes=self._hdr)
+        # Serve what is already queued from the loop thread: activate() may run on another
+        # thread (a vCPU writing DRIVER_OK) while the loop already watches the tap.
+        loop.call_soon(self._transmit)
+        loop.call_soon(self._receive)
 
     def reset(self) -> None:
         if self._loop is not None:
@@ -181,23 +190,23 @@ class NetDevice(VirtioDevice):
             self._interrupt.signal_used_queue(TX_QUEUE)
 
     def _send(self, chain: DescriptorChain) -> None:
-        total = chain.readable_len
-        if total < HEADER_SIZE + ETH_HEADER_LEN or total > HEADER_SIZE + MAX_FRAME_LEN:
+        total, hdr = chain.readable_len, self._hdr
+        if total < hdr + ETH_HEADER_LEN or total > hdr + MAX_FRAME_LEN:
             self._drop("tx", f"transmit chain of {total} bytes (want a header and a frame of "
                              f"{ETH_HEADER_LEN}..{MAX_FRAME_LEN} bytes)", bad=True)
             return
         data = chain.reader().read_exact(total)
-        problem = check_tx_header(NetHeader.unpack(data))
+        problem = check_tx_header(NetHeader.unpack(data[:hdr]))
         if problem:
             self._drop("tx", problem, bad=True)
             return
         try:
-            self.tap.write_frame(bytes(HEADER_SIZE) + data[HEADER_SIZE:])
+            self.tap.write_frame(bytes(hdr) + data[hdr:])
         except OSError as e:
             self._drop("tx", f"tap write: {e.strerror}")
             return
         self.stats["tx_frames"] += 1
-        self.stats["tx_bytes"] += total - HEADER_SIZE
+        self.stats["tx_bytes"] += total - hdr
 
     def _drop(self, direction: str, reason: str, bad: bool = False) -> None:
         self.stats[f"{direction}_dropped"] += 1
@@ -214,7 +223,7 @@ class NetDevice(VirtioDevice):
             return
         try:
             for _ in range(BATCH):
-                frame = self._pending if self._pending is not None else self.tap.read_frame(HEADER_SIZE + MAX_FRAME_LEN)
+                frame = self._pending if self._pending is not None else self.tap.read_frame(self._hdr + MAX_FRAME_LEN)
                 self._pending = None
                 if frame is None:
                     self._watch_tap(True)
@@ -237,7 +246,8 @@ class NetDevice(VirtioDevice):
 
     def _deliver(self, chain: DescriptorChain, frame: bytes) -> int:
         """Copy one tap frame into a receive chain; the used length (0 when it does not fit)."""
-        if len(frame) < HEADER_SIZE + ETH_HEADER_LEN:
+        hdr = self._hdr
+        if len(frame) < hdr + ETH_HEADER_LEN:
             self._drop("rx", f"tap gave {len(frame)} bytes, shorter than a header and an Ethernet header")
             return 0
         if chain.readable:
@@ -248,10 +258,9 @@ class NetDevice(VirtioDevice):
             return 0
         # Offloads are off on the tap, so frames arrive complete; without GUEST_CSUM the flags must
         # be zero, and without MRG_RXBUF num_buffers is 1 (5.1.6.4.1).
-        hdr = NetHeader(num_buffers=1)
         writer = chain.writer()
-        writer.write_all(hdr.pack())
-        writer.write_all(memoryview(frame)[HEADER_SIZE:])
+        writer.write_all(NetHeader(num_buffers=1).pack()[:hdr])
+        writer.write_all(memoryview(frame)[hdr:])
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += len(frame) - HEADER_SIZE
+        self.stats["rx_bytes"] += len(frame) - hdr
         return len(frame)

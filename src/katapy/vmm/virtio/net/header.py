@@ -7,8 +7,11 @@ Every buffer on the receive and transmit queues starts with
     u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size;
     le16 csum_start; le16 csum_offset; le16 num_buffers;
 
-The tap device is given the same 12-byte layout (TUNSETVNETHDRSZ), so a
-frame moves between tap and ring with its header in place.
+A driver that did not negotiate VERSION_1 (a legacy virtio-mmio front end,
+such as QEMU's microvm default) and not MRG_RXBUF uses the 10-byte header
+without ``num_buffers`` (5.1.6.1 "Legacy Interface: Device Operation").
+The tap device is given the same size (TUNSETVNETHDRSZ), so a frame moves
+between tap and ring with its header in place.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 HEADER = struct.Struct("<BBHHHHH")
 HEADER_SIZE = HEADER.size  # 12
+LEGACY_HEADER_SIZE = 10  # no num_buffers
 
 # flags (5.1.6)
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
@@ -45,6 +49,9 @@ class NetHeader:
 
     @classmethod
     def unpack(cls, raw: bytes) -> NetHeader:
+        """From a 12-byte header, or a 10-byte legacy one (num_buffers reads as 0)."""
+        if len(raw) < HEADER_SIZE:
+            raw = bytes(raw[:LEGACY_HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
         return cls(*HEADER.unpack_from(raw))
 
 

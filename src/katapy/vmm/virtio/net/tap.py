@@ -1,9 +1,10 @@
 """The host end of a virtio-net device: a tap file descriptor (Documentation/networking/tuntap.rst).
 
 The device reads and writes whole Ethernet frames, each preceded by the
-12-byte virtio-net header: the fd must be attached with IFF_TAP | IFF_NO_PI |
+virtio-net header: the fd must be attached with IFF_TAP | IFF_NO_PI |
 IFF_VNET_HDR (katapy.resource.network.tap.open_queue does that, inside the
-pod netns), and here its header size is set to 12 (TUNSETVNETHDRSZ) and every
+pod netns), and here its header size is set to 12 (TUNSETVNETHDRSZ; 10 for a
+legacy driver, at activation) and every
 offload is turned off (TUNSETOFFLOAD 0), so the kernel hands over complete,
 checksummed frames, which is all the driver is told to expect.
 """
@@ -74,6 +75,13 @@ class Tap:
                 raise
             raise TapError(exc.errno, f"preparing tap fd {fd}: {exc.strerror}") from None
         return cls(fd, name)
+
+    def set_header_size(self, size: int) -> None:
+        """The virtio-net header length the driver negotiated (12, or 10 for a legacy driver)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", size))
+        except OSError as exc:
+            raise TapError(exc.errno, f"tap {self.name}: TUNSETVNETHDRSZ {size}: {exc.strerror}") from None
 
     def read_frame(self, size: int) -> bytes | None:
         """One header+frame (truncated to ``size``), or None when nothing is queued."""
