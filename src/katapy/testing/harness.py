@@ -33,10 +33,32 @@ from katapy.testing.initramfs import busybox_initramfs
 
 EXIT_MARKER = "KATAPY-HARNESS-EXIT"
 QEMU = "qemu-system-x86_64"
-# `max` emulates AMD SVM. `+invtsc` matters: without an invariant TSC the L1 kernel has no constant_tsc,
-# KVM's per-CPU TSC frequency stays 0 and KVM_RUN spins forever on KVM_REQ_CLOCK_UPDATE before the first
-# VMRUN (measured: every KVM_RUN in L1 hung; with +invtsc a raw KVM program reaches HLT at once).
-HARNESS_CPU = "max,+invtsc"
+# `max` emulates AMD SVM (KVM in the L1 loads kvm_amd).
+HARNESS_CPU = "max"
+
+
+def host_tsc_khz() -> int | None:
+    """This host's TSC frequency, which is what TCG's rdtsc counts at (it reads the host TSC).
+
+    The L1 kernel is told it (``tsc_early_khz=``) because its own calibration against the PIT fails when the
+    host is busy ("tsc: Unable to calibrate against PIT ... Marking TSC unstable"): tsc_khz is then 0, and
+    KVM_RUN in the L1 spins on KVM_REQ_CLOCK_UPDATE forever without entering the guest (measured: every
+    raw-KVM program hung in KVM_RUN; with the frequency given, all ran).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_cmdline() -> str:
+    khz = host_tsc_khz()
+    tsc = f" tsc_early_khz={khz} tsc=reliable" if khz else ""
+    return "console=ttyS0 reboot=t panic=-1 quiet loglevel=3" + tsc + " " + os.environ.get("KATAPY_HARNESS_APPEND", "")
 # tmpfs mounts inside the chroot, where the command may write
 WRITABLE = ("/tmp", "/run", "/var/lib/containerd", "/var/lib/cni", "/var/run/netns", "/root/.cache", "/var/tmp")
 
@@ -53,6 +75,7 @@ class HarnessResult:
     seconds: float
     timed_out: bool = False
     files: dict[str, bytes] = field(default_factory=dict)  # what the command left in /run/katapy-harness
+    qemu_pid: int = 0
 
 
 def _init_script(workdir: str) -> str:
@@ -136,7 +159,7 @@ def run_in_kvm_vm(
             "-accel", "tcg", "-cpu", os.environ.get("KATAPY_HARNESS_CPU", HARNESS_CPU), "-m", str(memory_mib), "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 reboot=t panic=-1 quiet loglevel=3 " + os.environ.get("KATAPY_HARNESS_APPEND", ""),
+            "-append", kernel_cmdline(),
             "-fsdev", "local,id=hr,path=/,security_model=passthrough,readonly=on,multidevs=remap",
             "-device", "virtio-9p-device,fsdev=hr,mount_tag=hostroot",
             "-fsdev", f"local,id=wk,path={workdir},security_model=passthrough,multidevs=remap",
@@ -172,6 +195,7 @@ def run_in_kvm_vm(
         console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
         seconds = time.monotonic() - t0
         result = _result(console, seconds, timed_out, proc.returncode)
+        result.qemu_pid = proc.pid
         for f in (scratch.iterdir() if scratch.is_dir() else ()):
             if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
                 result.files[f.name] = f.read_bytes()
