@@ -15,14 +15,13 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from katapy.testing.initramfs import busybox_initramfs
 
 from .conftest import BOOT_TIMEOUT_S, GUEST_CID, INIT, TOOL_PORT, Guest, _build_tool, _kernel
-from .netns_tap import TcpSink, ip, make_tap
+from .netns_tap import TcpSink, make_tap
 
 pytestmark = pytest.mark.guest
 
