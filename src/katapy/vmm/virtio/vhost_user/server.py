@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from katapy import log
 from katapy.vmm.eventloop import EventLoop
-from katapy.vmm.memory import GuestMemory, MemoryRegion
+from katapy.vmm.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from katapy.vmm.virtio.device import VIRTIO_F_EVENT_IDX, DeviceError, EventFdInterrupt, QueueState, VirtioDevice
 from katapy.vmm.virtio.vhost_user.protocol import (
     F_LOG_ALL, F_PROTOCOL_FEATURES, MemRegion, Message, ProtocolError, ProtocolFeature, Request, VringAddr,
@@ -165,8 +165,9 @@ class VhostUserServer:
         try:
             reply = self._dispatch(msg)
             ok = True
-        except (ProtocolError, DeviceError, ValueError, OSError) as e:
-            _log.error("vhost-user: request failed", request=name, error=str(e))
+        except Exception as e:  # noqa: BLE001 - whatever a request raised, this front end is done with or told
+            expected = isinstance(e, (ProtocolError, DeviceError, ValueError, OSError))
+            _log.error("vhost-user: request failed", request=name, error=str(e), exc_info=not expected)
             for f in msg.fds:
                 _close_quietly(f)
             if not (msg.need_reply and self._has_protocol(ProtocolFeature.REPLY_ACK)):
@@ -300,10 +301,13 @@ class VhostUserServer:
                 msg.fds.pop(0)
                 mapped.append(one.regions[0])
             mem = GuestMemory(mapped)
-        except BaseException:
+        except BaseException as e:
             for m in mapped:
                 m.mapping.close()
                 os.close(m.fd)
+            if isinstance(e, (GuestMemoryError, OverflowError)):
+                # overlapping regions, or an mmap_offset/size no mmap can take: the table is bad
+                raise ProtocolError(f"memory table cannot be mapped: {e}") from None
             raise
         self._set_memory(mem, regions)
         _log.info("vhost-user memory table", regions=[(hex(r.guest_phys_addr), r.memory_size) for r in regions])
