@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from katapy import log
-from katapy.resource import etc_files, rootfs, volumes
+from katapy.resource import etc_files, namespaces, rootfs, volumes
 from katapy.shim import bundle as bundle_mod
 from katapy.shim import events as ev
 from katapy.shim import types as t
@@ -124,6 +124,7 @@ class ContainerManager:
             guest_spec = copy.deepcopy(spec)
             guest_spec["root"] = {"path": rfs.guest_path, "readonly": bool(root.get("readonly", False))}
             guest_spec["mounts"] = container.volumes.spec_mounts + etc_files.add_missing(shared, req.id, spec)
+            namespaces.amend_for_guest(guest_spec, bundle_mod.CONTAINER_TYPE in bundle_mod.annotations(spec))
             init.io = ProcessIO(self.sandbox.agent, req.id, req.id, req.stdio)
             init.io.open()
             await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], [])
