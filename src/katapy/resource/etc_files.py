@@ -59,3 +59,34 @@ def add_missing(shared_dir: Path, container_id: str, spec: dict[str, Any],
             "options": ["rbind", "rw"],
         })
     return added
+
+
+RESOLV_CONF_KEYWORDS = ("nameserver", "search", "domain", "options", "sortlist")
+MAX_RESOLV_CONF_BYTES = 64 << 10
+
+
+def dns_from_spec(spec: dict[str, Any]) -> list[str]:
+    """The pod's resolv.conf lines for the agent's CreateSandbox ``dns`` (Kata sends resolv.conf lines).
+
+    containerd's CRI plugin writes the pod's resolv.conf from PodSandboxConfig.dns_config and bind
+    mounts it at /etc/resolv.conf of the sandbox (pause) container, so that a VM runtime can set up
+    the guest's DNS.  Returns [] when the spec has no such bind mount or the file cannot be read
+    (e.g. ``ctr run``); comments, blank lines and unknown keywords (resolv.conf(5)) are left out.
+    """
+    source = ""
+    for m in spec.get("mounts") or []:
+        if isinstance(m, dict) and m.get("destination") == "/etc/resolv.conf" and isinstance(m.get("source"), str):
+            source = m["source"]
+    if not source.startswith("/"):
+        return []
+    try:
+        with open(source, "rb") as f:
+            text = f.read(MAX_RESOLV_CONF_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) >= 2 and words[0] in RESOLV_CONF_KEYWORDS:
+            lines.append(" ".join(words))
+    return lines

@@ -93,9 +93,10 @@ class VirtContainer:
 
         sizing = sandbox_sizing(spec.get("annotations") or {}, config.hypervisor)
         sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config, self.nursery)
-        from katapy.resource.etc_files import hostname_for
+        from katapy.resource.etc_files import dns_from_spec, hostname_for
 
-        await sandbox.start(hostname=hostname_for(spec, req.id), dns=[], netns_path=netns_path_from_spec(spec),
+        await sandbox.start(hostname=hostname_for(spec, req.id), dns=dns_from_spec(spec),
+                            netns_path=netns_path_from_spec(spec),
                             sizing=sizing)
         containers = ContainerManager(sandbox, self.publish, self.nursery)
         try:

@@ -1,0 +1,76 @@
+"""What the shim derives from a CRI sandbox/app spec for the guest: namespaces and the pod's DNS."""
+from __future__ import annotations
+
+import copy
+
+from katapy.resource.etc_files import dns_from_spec
+from katapy.resource.namespaces import amend_for_guest
+
+
+def _spec(namespaces, hostname="pod-a", pod=True):
+    ann = {"io.kubernetes.cri.container-type": "container"} if pod else {}
+    return {"hostname": hostname, "annotations": ann, "linux": {"namespaces": namespaces}}
+
+
+def test_pod_netns_path_and_pod_shared_namespaces_are_removed():
+    s = _spec([{"type": "pid", "path": "/proc/999999999/ns/pid"}, {"type": "ipc", "path": "/proc/999999999/ns/ipc"},
+               {"type": "uts", "path": "/proc/999999999/ns/uts"}, {"type": "mount"},
+               {"type": "network", "path": "/var/run/netns/cni-1"}])
+    amend_for_guest(s, pod_member=True)
+    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
+    assert "hostname" not in s  # crun sets a hostname only in a private UTS namespace
+
+
+def test_sandbox_container_without_paths_shares_ipc_uts_with_the_vm():
+    s = _spec([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network",
+                                                                                   "path": "/var/run/netns/x"}])
+    amend_for_guest(s, pod_member=True)
+    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
+
+
+def test_ctr_run_keeps_its_private_namespaces_and_hostname():
+    ns = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]
+    s = _spec(copy.deepcopy(ns), hostname="box", pod=False)
+    amend_for_guest(s, pod_member=False)
+    assert s["linux"]["namespaces"] == ns and s["hostname"] == "box"
+
+
+def test_malformed_namespaces_are_left_to_the_spec_checks():
+    for s in ({"linux": {"namespaces": "x"}}, {"linux": None}, {}):
+        before = copy.deepcopy(s)
+        amend_for_guest(s, pod_member=True)
+        assert s == before
+    s = {"linux": {"namespaces": [7, {"type": "pid"}]}}
+    amend_for_guest(s, pod_member=True)
+    assert s["linux"]["namespaces"] == [{"type": "pid"}]
+
+
+def test_dns_from_the_sandbox_resolv_conf_mount(tmp_path):
+    # what containerd 1.6's CRI plugin writes from PodSandboxConfig.dns_config
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# generated\nsearch katapy.test svc.local\nnameserver 10.96.0.10\n\n"
+                      "nameserver   10.96.0.11 # second\noptions ndots:2 timeout:1\nbogus line\n")
+    spec = {"mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/x/shm"},
+                       {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv),
+                        "options": ["rbind", "ro"]}]}
+    assert dns_from_spec(spec) == ["search katapy.test svc.local", "nameserver 10.96.0.10",
+                                   "nameserver 10.96.0.11", "options ndots:2 timeout:1"]
+
+
+def test_dns_without_a_usable_resolv_conf_mount(tmp_path):
+    assert dns_from_spec({}) == []
+    assert dns_from_spec({"mounts": [{"destination": "/etc/resolv.conf", "source": str(tmp_path / "gone")}]}) == []
+    assert dns_from_spec({"mounts": [{"destination": "/etc/resolv.conf", "source": "relative"}]}) == []
+    assert dns_from_spec({"mounts": [{"destination": "/etc/resolv.conf", "source": str(tmp_path)}]}) == []
+    big = tmp_path / "big"
+    big.write_bytes(b"nameserver 10.0.0.1\n" + b"#" * (1 << 20) + b"\nnameserver 10.0.0.2\n")
+    assert dns_from_spec({"mounts": [{"destination": "/etc/resolv.conf", "source": str(big)}]}) == [
+        "nameserver 10.0.0.1"]
+
+
+def test_host_namespace_paths_mean_the_vms_own():
+    """hostPID: CRI joins the pause container's PID namespace, which is the host's; in a VM that is the VM's."""
+    s = _spec([{"type": "pid", "path": "/proc/self/ns/pid"}, {"type": "mount", "path": "/proc/self/ns/mnt"},
+               {"type": "uts", "path": "/proc/self/ns/uts"}, {"type": "user", "path": "/nonexistent"}])
+    amend_for_guest(s, pod_member=False)
+    assert s["linux"]["namespaces"] == [{"type": "user"}]
