@@ -77,8 +77,10 @@ def _assert_nothing_left(c, netns_paths: list[str]) -> None:
     assert not any(left.values()), f"left behind: { {k: v for k, v in left.items() if v} }"
 
 
-def _run_pod(c, name: str, handler: str, annotations=None):
+def _run_pod(c, name: str, handler: str, annotations=None, host_pid: bool = False):
     config = c.client.pod_config(name, annotations=annotations, dns=["10.96.0.10"])
+    if host_pid:
+        config.linux.security_context.namespace_options.pid = cri.NODE
     try:
         pod_id = c.client.run_pod(config, handler)
     except grpc.RpcError as exc:
@@ -127,6 +129,31 @@ class _HostServer:
 def test_version(cri_containerd):
     v = cri_containerd.client.runtime("Version", cri.VersionRequest(version="v1"))
     assert v.runtime_name == "containerd" and v.runtime_api_version == "v1"
+
+
+def _assert_guest_dns(cl, pod_id: str, config) -> None:
+    """The VM's own /etc/resolv.conf (the agent's, PID 1 of the guest) is the pod's DNS config.
+
+    In a hostPID pod, a container in the node's PID namespace -- in a katapy pod the VM's --
+    with CAP_SYS_PTRACE reads it through /proc/1/root.
+    """
+    linux = cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+        namespace_options=cri.NamespaceOption(pid=cri.NODE),
+        capabilities=cri.Capability(add_capabilities=["SYS_PTRACE"])))
+    cid = cl.create_container(pod_id, config, "guest-view", ["sleep", "3600"], linux=linux)
+    try:
+        cl.start_container(cid)
+        assert cl.wait_state(cid, RUNNING).state == RUNNING
+        r = cl.exec_sync(cid, ["cat", "/proc/1/cmdline"])
+        assert b"katapy.agent" in r.stdout, r.stdout  # PID 1 is the guest agent, not this container's sleep
+        r = cl.exec_sync(cid, ["cat", "/proc/1/root/etc/resolv.conf"])
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        lines = r.stdout.decode().splitlines()
+        assert "nameserver 10.96.0.10" in lines and "search katapy.test" in lines, lines
+        assert "options ndots:2" in lines, lines
+    finally:
+        cl.stop_container(cid, timeout=1)
+        cl.remove_container(cid)
 
 
 @pytest.mark.parametrize("handler", HANDLERS, indirect=True)
@@ -209,7 +236,8 @@ def test_two_pods_at_once(cri_containerd, handler):
     _need(handler)
     c = cri_containerd
     cl = c.client
-    pods = [_run_pod(c, f"twin{i}-{handler}", handler) for i in range(2)]
+    # the second pod is a hostPID pod: its containers share the node's PID namespace (for katapy: the VM's)
+    pods = [_run_pod(c, f"twin{i}-{handler}", handler, host_pid=i == 1) for i in range(2)]
     netns = [_netns_of(c, p) for p, _ in pods]
     try:
         ips = [cl.pod_status(p).status.network.ip for p, _ in pods]
@@ -222,6 +250,8 @@ def test_two_pods_at_once(cri_containerd, handler):
         for ip, (pod_id, _) in zip(ips, pods):
             body = _http_get(f"http://{ip}:8080/")
             assert body.strip() == f"hello-from-{cl.pod_status(pod_id).status.metadata.name}", body
+        if handler == "katapy":
+            _assert_guest_dns(cl, *pods[1])
         # stopping one pod leaves the other serving
         cl.stop_pod(pods[0][0])
         cl.remove_pod(pods[0][0])

@@ -120,9 +120,11 @@ class CriClient:
         return self.runtime("RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler)).pod_sandbox_id
 
     def create_container(self, pod_id: str, pod_config: Any, name: str, command: list[str],
-                         image: str = BUSYBOX_IMAGE) -> str:
+                         image: str = BUSYBOX_IMAGE, linux: Any = None) -> str:
+        """``linux``: an optional ``cri.LinuxContainerConfig`` (security context, resources)."""
         cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
-                                  command=command, log_path=f"{name}.log", labels={"katapy-test": "1"})
+                                  command=command, log_path=f"{name}.log", labels={"katapy-test": "1"},
+                                  linux=linux)
         req = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=pod_config)
         return self.runtime("CreateContainer", req).container_id
 
