@@ -29,13 +29,17 @@ GUEST_SHARED = "/run/katapy/shared"
 SHARE_STORAGE = Storage(driver="virtio-fs", source=SHARE_TAG, fstype="virtiofs", mount_point=GUEST_SHARED,
                         options=[])
 HANDSHAKE_TIMEOUT_S = 10.0
+BOOT_WAIT_S = 240.0
 
 
 def guest_config(backend: str) -> tuple[kconfig.KatapyConfig | None, str | None]:
     """The configuration to boot ``backend`` with, or why it cannot start here."""
     cfg = kconfig.load(check_files=False)
     cfg = dataclasses.replace(cfg, hypervisor=dataclasses.replace(cfg.hypervisor, name=backend,
-                                                                  shared_fs="virtio-fs"))
+                                                                  shared_fs="virtio-fs"),
+                              # emulated (TCG) and nested (harness) guests on a busy host boot slowly
+                              agent=dataclasses.replace(cfg.agent, dial_timeout=max(cfg.agent.dial_timeout,
+                                                                                    BOOT_WAIT_S)))
     reason = missing_requirements(cfg, backend)
     if reason:
         return None, f"cannot start a {backend} sandbox VM: {reason}"
