@@ -22,7 +22,9 @@ from katapy.pb import cri_api_pb2 as cri
 
 from .conftest import katapy_unavailable
 
-HANDLERS = ["runc", pytest.param("katapy", marks=pytest.mark.slow)]
+# katapy: one VM per pod (QEMU/TCG here: ~10-30 s per pod)
+HANDLERS = ["runc", pytest.param("katapy", marks=[pytest.mark.slow, pytest.mark.guest])]
+pytestmark = pytest.mark.containerd
 RUNNING, EXITED = cri.CONTAINER_RUNNING, cri.CONTAINER_EXITED
 SERVER_CMD = ["sh", "-c", "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
 
@@ -58,10 +60,13 @@ def _bridge_ports(c) -> str:
     return subprocess.run(["ip", "-o", "link", "show", "master", c.net.bridge], capture_output=True, text=True).stdout
 
 
-def _assert_nothing_left(c, netns_paths: list[str]) -> None:
+def _assert_nothing_left(c, netns_paths: list[str], pod_ids: list[str] | None = None) -> None:
+    from katapy.resource.cgroups import SandboxCgroup
+
     deadline = time.monotonic() + 20
     while True:
         left = {
+            "cgroups": [str(d) for p in pod_ids or [] for d in SandboxCgroup.paths_for(p) if d.exists()],
             "netns": [p for p in netns_paths if Path(p).exists()],
             "bridge ports": _bridge_ports(c).strip(),
             "shims": c.shim_pids(),
@@ -228,7 +233,7 @@ def test_pod_with_two_containers(cri_containerd, handler):
         assert cl.list_containers(pod_id) == []
     finally:
         c.remove_all_pods()
-    _assert_nothing_left(c, [netns])
+    _assert_nothing_left(c, [netns], [pod_id])
 
 
 @pytest.mark.parametrize("handler", HANDLERS, indirect=True)
@@ -258,7 +263,7 @@ def test_two_pods_at_once(cri_containerd, handler):
         assert _http_get(f"http://{ips[1]}:8080/").startswith("hello-from-twin1")
     finally:
         c.remove_all_pods()
-    _assert_nothing_left(c, netns)
+    _assert_nothing_left(c, netns, [p for p, _ in pods])
 
 
 @pytest.mark.parametrize("handler", HANDLERS, indirect=True)
@@ -281,7 +286,7 @@ def test_netns_disappearing_under_a_running_pod(cri_containerd, handler):
         cl.remove_pod(pod_id)
     finally:
         c.remove_all_pods()
-    _assert_nothing_left(c, [netns])
+    _assert_nothing_left(c, [netns], [pod_id])
 
 
 def test_unknown_runtime_handler_is_refused(cri_containerd):
