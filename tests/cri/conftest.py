@@ -22,7 +22,7 @@ def _need_host_tools() -> None:
             pytest.skip(f"CNI plugin /usr/lib/cni/{plugin} is missing (containernetworking-plugins)")
 
 
-def katapy_config_file(base: Path) -> Path:
+def katapy_config_file(base: Path, default_memory: int = 512) -> Path:
     """A katapy configuration for the CRI tests: QEMU backend, the lead's guest artifacts."""
     cfg = base / "katapy-configuration.toml"
     cfg.write_text(f"""[hypervisor]
@@ -30,7 +30,7 @@ name = "qemu"
 kernel = "{paths.guest_bzimage()}"
 initrd = "{paths.guest_initramfs()}"
 default_vcpus = 1
-default_memory = 512
+default_memory = {default_memory}
 max_vcpus = 2
 max_memory = 2048
 
