@@ -190,6 +190,9 @@ def test_pod_with_two_containers(cri_containerd, handler):
         for cid in (server, client):
             r = cl.exec_sync(cid, ["ip", "-o", "-4", "addr", "show", "eth0"])
             assert r.exit_code == 0 and f" {pod_ip}/".encode() in r.stdout, r.stdout
+        # each app container has its own PID namespace (this pod does not share one): never the VM's
+        r = cl.exec_sync(client, ["cat", "/proc/1/cmdline"])
+        assert r.exit_code == 0 and r.stdout.split(b"\0")[0] in (b"sleep", b"pause"), r.stdout
         # ExecSync output and exit code
         r = cl.exec_sync(client, ["sh", "-c", "echo out; echo err >&2; exit 3"])
         assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 3)

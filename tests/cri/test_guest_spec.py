@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 
 from katapy.resource.etc_files import dns_from_spec
-from katapy.resource.namespaces import amend_for_guest
+from katapy.resource.namespaces import amend_for_guest, has_namespace
 
 
 def _spec(namespaces, hostname="pod-a", pod=True):
@@ -69,8 +69,25 @@ def test_dns_without_a_usable_resolv_conf_mount(tmp_path):
 
 
 def test_host_namespace_paths_mean_the_vms_own():
-    """hostPID: CRI joins the pause container's PID namespace, which is the host's; in a VM that is the VM's."""
+    """``ctr run --with-ns pid:/proc/1/ns/pid``-like specs: the host's namespace is the VM's."""
     s = _spec([{"type": "pid", "path": "/proc/self/ns/pid"}, {"type": "mount", "path": "/proc/self/ns/mnt"},
-               {"type": "uts", "path": "/proc/self/ns/uts"}, {"type": "user", "path": "/nonexistent"}])
+               {"type": "uts", "path": "/proc/self/ns/uts"}, {"type": "user", "path": "/nonexistent"}], pod=False)
     amend_for_guest(s, pod_member=False)
     assert s["linux"]["namespaces"] == [{"type": "user"}]
+
+
+def test_pod_pid_namespace_follows_the_sandbox_container():
+    """CRI names the sandbox's PID namespace by the task pid katapy reports (the VMM's, in the host's
+    PID namespace) for hostPID and shareProcessNamespace pods alike; the sandbox spec decides."""
+    app = [{"type": "pid", "path": "/proc/self/ns/pid"}, {"type": "mount"}]
+    sandbox_pod = {"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}]}}
+    sandbox_host_pid = {"linux": {"namespaces": [{"type": "ipc"}]}}
+    assert has_namespace(sandbox_pod, "pid") and not has_namespace(sandbox_host_pid, "pid")
+    assert not has_namespace({"linux": None}, "pid")
+
+    s = _spec(copy.deepcopy(app))
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=True)
+    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]  # own, never the agent's
+    s = _spec(copy.deepcopy(app))
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=False)
+    assert s["linux"]["namespaces"] == [{"type": "mount"}]  # hostPID: the VM's

@@ -13,13 +13,19 @@ The host's spec names namespaces by host paths: CRI's sandbox netns
   so every container of the pod shares the VM's IPC and UTS namespaces (the VM
   is the pod; the agent set its hostname in CreateSandbox).  ``hostname`` goes
   with ``uts``: crun only sets it in a private UTS namespace.
-* an entry whose path names the host's own namespace of that type (the shim's;
-  CRI's ``hostPID`` pods join ``/proc/<pause>/ns/pid`` of a pause container in the
-  host PID namespace): removed, so the container shares the VM's namespace -- in
-  a VM, "the node's" namespace is the VM's, as in Kata.
-* any other entry with a path (``pid`` of a shared-PID pod, ``mount``, ...):
-  the path is dropped and the container gets a new namespace of that type
-  (sharing one PID namespace between a pod's containers is not supported yet).
+* ``pid`` of a CRI app container names the sandbox's PID namespace by the task
+  pid katapy reported for the sandbox -- the VMM's, in the host PID namespace --
+  so the path cannot tell a hostPID pod from a shareProcessNamespace pod; the
+  sandbox (pause) container's spec can: without a ``pid`` entry (hostPID) the
+  entry is removed and the container shares the VM's PID namespace ("the
+  node's" is the VM's, as in Kata; the agent is its PID 1); with one, the path
+  is dropped and the container gets its own PID namespace (sharing one PID
+  namespace among a pod's containers is not supported yet: isolation from the
+  agent is kept rather than sharing).
+* any other entry whose path names the host's own namespace of that type (the
+  shim's, e.g. ``ctr run --with-ns``): removed, the VM's is the host's.
+* any other entry with a path: the path is dropped and the container gets a new
+  namespace of that type.
 """
 from __future__ import annotations
 
@@ -46,8 +52,18 @@ def is_host_namespace(kind: str, path: str, host_pid: str = "self") -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def amend_for_guest(guest_spec: dict[str, Any], pod_member: bool) -> None:
-    """Rewrite ``guest_spec['linux']['namespaces']`` (in place) for the guest; see the module doc."""
+def has_namespace(spec: dict[str, Any], kind: str) -> bool:
+    """True when the spec lists a namespace of type ``kind`` (with or without a path)."""
+    linux = spec.get("linux")
+    entries = linux.get("namespaces") if isinstance(linux, dict) else None
+    return isinstance(entries, list) and any(isinstance(n, dict) and n.get("type") == kind for n in entries)
+
+
+def amend_for_guest(guest_spec: dict[str, Any], pod_member: bool, sandbox_has_pid_ns: bool = True) -> None:
+    """Rewrite ``guest_spec['linux']['namespaces']`` (in place) for the guest; see the module doc.
+
+    ``sandbox_has_pid_ns``: whether the pod's sandbox container has its own PID namespace
+    (False for a hostPID pod)."""
     linux = guest_spec.get("linux")
     if not isinstance(linux, dict) or not isinstance(linux.get("namespaces"), list):
         return
@@ -62,7 +78,9 @@ def amend_for_guest(guest_spec: dict[str, Any], pod_member: bool) -> None:
             if kind == "uts":
                 guest_spec.pop("hostname", None)
             continue
-        if path and is_host_namespace(str(kind), str(path)):
+        if pod_member and kind == "pid" and path and not sandbox_has_pid_ns:
+            continue
+        if path and not (pod_member and kind == "pid") and is_host_namespace(str(kind), str(path)):
             continue
         if path:
             log.get("resource.namespaces").info("host namespace path dropped; new namespace in the guest",

@@ -82,6 +82,8 @@ class ContainerManager:
         self.publish = publish
         self.nursery = nursery
         self.containers: dict[str, Container] = {}
+        # whether the sandbox (the first, pause) container has its own PID namespace (not a hostPID pod)
+        self.sandbox_has_pid_ns: bool | None = None
         self._log = log.get("shim.container", sandbox_id=sandbox.sandbox_id)
 
     # -- lookup -----------------------------------------------------------------
@@ -124,7 +126,10 @@ class ContainerManager:
             guest_spec = copy.deepcopy(spec)
             guest_spec["root"] = {"path": rfs.guest_path, "readonly": bool(root.get("readonly", False))}
             guest_spec["mounts"] = container.volumes.spec_mounts + etc_files.add_missing(shared, req.id, spec)
-            namespaces.amend_for_guest(guest_spec, bundle_mod.CONTAINER_TYPE in bundle_mod.annotations(spec))
+            if self.sandbox_has_pid_ns is None:
+                self.sandbox_has_pid_ns = namespaces.has_namespace(spec, "pid")
+            namespaces.amend_for_guest(guest_spec, bundle_mod.CONTAINER_TYPE in bundle_mod.annotations(spec),
+                                       self.sandbox_has_pid_ns)
             init.io = ProcessIO(self.sandbox.agent, req.id, req.id, req.stdio)
             init.io.open()
             await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], [])
