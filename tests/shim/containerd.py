@@ -123,7 +123,20 @@ class PrivateContainerd:
         for p in sorted(points, key=len, reverse=True):
             subprocess.run(["umount", "-l", p], check=False)
 
+    def remove_containers(self) -> None:
+        """``ctr task delete -f`` + ``containers rm`` for whatever a failed test left, so the shims stop
+        their VMs and release cgroups/mounts themselves (a SIGKILLed shim leaves that to ``delete``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            for cid in self.ctr("containers", "ls", "-q", check=False, timeout=30).stdout.split():
+                self.ctr("task", "delete", "-f", cid, check=False, timeout=60)
+                self.ctr("containers", "rm", cid, check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
     def cleanup(self) -> None:
+        self.remove_containers()
         self.kill_shims()
         self.stop()
         self.unmount_all()

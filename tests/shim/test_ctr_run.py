@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,29 @@ def _guest_needed() -> None:
     _require_guest()
 
 
+@pytest.fixture(autouse=True)
+def _containerd_log_on_failure(containerd: PrivateContainerd) -> Iterator[None]:
+    """Print what containerd and the shims logged during the test (shown by pytest only when it fails)."""
+    start = containerd.log_path.stat().st_size if containerd.log_path.exists() else 0
+    yield
+    with open(containerd.log_path, errors="replace") as f:
+        f.seek(start)
+        lines = [ln for ln in f if "level=debug" not in ln and "level='debug'" not in ln]
+    print("".join(lines[-300:]))
+
+
 def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), check: bool = False,
         input: bytes | None = b"") -> subprocess.CompletedProcess[str]:
     return c.ctr("run", "--rm", "--runtime", RUNTIME, *extra, IMAGE, cid, *cmd, check=check, timeout=BOOT_TIMEOUT,
                  input=input)
 
 
-def _leftovers(c: PrivateContainerd) -> list[str]:
+def _leftovers(c: PrivateContainerd, settle_s: float = 15.0) -> list[str]:
+    """What the runs left behind, after giving shims ``settle_s`` to exit (containerd does not wait for a
+    shim process to end after Shutdown, so ``ctr run --rm`` can return while the last one is exiting)."""
+    deadline = time.monotonic() + settle_s
+    while shim_pids(c.katapy_state) and time.monotonic() < deadline:
+        time.sleep(0.2)
     found = []
     if c.katapy_state.exists():
         found += [f"state {p}" for p in c.katapy_state.iterdir()]
@@ -61,10 +78,27 @@ def _leftovers(c: PrivateContainerd) -> list[str]:
         found += [f"mount {line.split()[4]}" for line in f if str(c.katapy_state) in line]
     found += [f"socket {p}" for p in Path("/run/containerd/s").glob("*") if _socket_of(c, p)]
     cgroups = Path("/sys/fs/cgroup")
-    found += [f"cgroup {p}" for p in [*cgroups.glob("katapy/kr-*"), *cgroups.glob("*/katapy/kr-*")]]
+    found += [f"cgroup {p}" for p in [*cgroups.glob("katapy/kr-*"), *cgroups.glob("*/katapy/kr-*")] if _ours(c, p)]
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     found += [f"qemu {line}" for line in out.splitlines() if "qemu-system" in line and str(c.katapy_state) in line]
     return found
+
+
+def _ours(c: PrivateContainerd, cgroup: Path) -> bool:
+    """A sandbox cgroup of this containerd: empty (leaked), or holding a process started with its KATAPY_STATE
+    (cgroup names are host-wide, and another run of this module may be using the same container ids)."""
+    marker = f"KATAPY_STATE={c.katapy_state}".encode()
+    try:
+        pids = (cgroup / "cgroup.procs").read_text().split()
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue
+    return not pids
 
 
 def _socket_of(c: PrivateContainerd, p: Path) -> bool:
