@@ -31,9 +31,10 @@ def test_guest_boots_to_agent_ready_under_qemu_tcg(tmp_path):
     try:
         import select
 
+        poller = select.poll()
+        poller.register(proc.stdout, select.POLLIN)
         while time.monotonic() - t0 < BOOT_BOUND_S and READY not in out:
-            r, _, _ = select.select([proc.stdout], [], [], 1)
-            if r:
+            if poller.poll(1000):
                 chunk = proc.stdout.read1(65536)
                 if not chunk:
                     break

@@ -73,6 +73,8 @@ def test_lifecycle_leaves_nothing(tiny_guest: dict[str, Path], short_tmp: Path) 
 
 
 def test_a_dying_guest_is_an_exit_not_a_hang(tiny_guest: dict[str, Path], short_tmp: Path) -> None:
+    fds_before = set(os.listdir("/proc/self/fd"))
+
     async def main() -> None:
         hv = BuiltinHypervisor(boot_protocol="pvh")
         await hv.start_vm(_cfg(tiny_guest, short_tmp / "sb", "reset"))
@@ -89,6 +91,10 @@ def test_a_dying_guest_is_an_exit_not_a_hang(tiny_guest: dict[str, Path], short_
         assert not (short_tmp / "sb").exists()
 
     trio.run(main)
+    # a VM that ended by itself still gives back its guest memory, KVM and device fds on cleanup
+    leaked = {f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}" for fd in set(os.listdir("/proc/self/fd")) - fds_before
+              if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, leaked
 
 
 def test_cold_plugged_disk_is_a_virtio_mmio_device(tiny_guest: dict[str, Path], short_tmp: Path) -> None:

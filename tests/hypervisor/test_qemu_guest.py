@@ -128,7 +128,8 @@ def test_stop_leaves_no_process_socket_memfd_mount_or_temp_file(tmp_path: Path) 
     assert list(state_root.iterdir()) == []
     assert not made["shared"].exists()  # the temporary share sandbox_vm made
     assert _qemu_children() == qemus
-    assert open_fds() == fds
+    # only what this sandbox made counts: fds other objects close meanwhile (GC) may vanish from the set
+    assert open_fds() - fds == set()
     ours = [m for m in _mounts() if str(state_root) in m or str(made["shared"]) in m]
     assert ours == []
     assert [l for l in Path("/proc/self/maps").read_text().splitlines() if "memfd:" in l] == maps_before

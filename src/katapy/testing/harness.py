@@ -172,14 +172,15 @@ def run_in_kvm_vm(
         chunks: list[bytes] = []
         timed_out = False
         assert proc.stdout is not None
+        poller = select.poll()  # not select(): the caller (a pytest run) may hold fds past FD_SETSIZE
+        poller.register(proc.stdout, select.POLLIN)
         try:
             while True:
                 left = timeout - (time.monotonic() - t0)
                 if left <= 0:
                     timed_out = True
                     break
-                r, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
-                if r:
+                if poller.poll(int(min(left, 1.0) * 1000)):
                     data = os.read(proc.stdout.fileno(), 65536)
                     if not data:
                         break

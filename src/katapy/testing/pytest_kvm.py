@@ -94,7 +94,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _harness_timeout() -> float:
-    return float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "1500"))
+    return float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "2700"))
 
 
 def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:

@@ -160,11 +160,12 @@ class BuiltinHypervisor(SandboxVm):
 
     async def cleanup(self) -> None:
         with trio.CancelScope(shield=True):
-            if self._vmm is not None and self._exit is None:
+            if self._vmm is not None:
                 try:
-                    # stop() also releases what a VMM that never started holds (memory, KVM fds)
+                    # stop() (idempotent) releases what the VMM holds — guest memory, KVM and device fds —
+                    # also after the guest ended by itself, when wait_exit() has already recorded the exit
                     await trio.to_thread.run_sync(self._vmm.stop)
-                    if self._started:
+                    if self._started and self._exit is None:
                         with trio.move_on_after(10):
                             await self.wait_exit()
                 except Exception as exc:
