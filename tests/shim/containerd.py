@@ -143,6 +143,15 @@ class PrivateContainerd:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def shims_left(katapy_state: Path, settle_s: float = 15.0) -> list[int]:
+    """Shim pids still alive after giving them ``settle_s`` to exit: containerd does not wait for a shim
+    process to end after Shutdown, so ``ctr`` can return while the shim is still exiting."""
+    deadline = time.monotonic() + settle_s
+    while (pids := shim_pids(katapy_state)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
 def shim_pids(katapy_state: Path) -> list[int]:
     """Pids of katapy shim processes whose environment names ``katapy_state``."""
     found = []

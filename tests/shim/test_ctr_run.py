@@ -17,7 +17,7 @@ import pytest
 
 from katapy import paths
 
-from .containerd import PrivateContainerd, shim_pids
+from .containerd import PrivateContainerd, shim_pids, shims_left
 
 pytestmark = [pytest.mark.containerd, pytest.mark.guest, pytest.mark.slow]
 RUNTIME = "io.containerd.katapy.v2"
@@ -65,11 +65,8 @@ def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), 
 
 
 def _leftovers(c: PrivateContainerd, settle_s: float = 15.0) -> list[str]:
-    """What the runs left behind, after giving shims ``settle_s`` to exit (containerd does not wait for a
-    shim process to end after Shutdown, so ``ctr run --rm`` can return while the last one is exiting)."""
-    deadline = time.monotonic() + settle_s
-    while shim_pids(c.katapy_state) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """What the runs left behind, after giving shims ``settle_s`` to exit."""
+    shims_left(c.katapy_state, settle_s)
     found = []
     if c.katapy_state.exists():
         found += [f"state {p}" for p in c.katapy_state.iterdir()]

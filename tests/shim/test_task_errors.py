@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from katapy.pb import containerd_shim_pb2 as pb
 from katapy.pb import runtimeoptions_pb2
 
-from .containerd import PrivateContainerd, shim_pids
+from .containerd import PrivateContainerd, shims_left
 from .test_invocation import NS, TtrpcStatus, _stop_daemon, make_bundle, run_shim, ttrpc_call
 
 pytestmark = pytest.mark.containerd
@@ -33,7 +33,7 @@ def test_missing_rootfs_fails_clearly_through_ctr(containerd: PrivateContainerd)
     assert "rootfs /nonexistent-rootfs does not exist" in res.stderr
     assert "rootfs /nonexistent-rootfs does not exist" in containerd.log_path.read_text()
     _assert_clean(containerd, "err-rootfs")
-    assert not shim_pids(containerd.katapy_state)
+    assert not shims_left(containerd.katapy_state)
 
 
 def test_missing_runtime_config_file_fails_clearly_through_ctr(containerd: PrivateContainerd, tmp_path: Path) -> None:
