@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from katapy.vmm.kvm.barrier import full_barrier
 from katapy.vmm.memory import GuestMemory, GuestMemoryError
 from katapy.vmm.virtio.device import DeviceError, QueueState
 
@@ -322,6 +323,7 @@ class Queue:
         if new == old:
             return False  # nothing added since the last interrupt
         self._signalled_used = new
+        full_barrier()  # the used idx store must be visible before the driver's fields are read (2.7.10)
         if not self.state.event_idx:
             flags = self.mem.read_u16(self.state.avail_ring)
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -334,4 +336,5 @@ class Queue:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (check again)."""
         if self.state.event_idx:
             self.mem.write_u16(self.state.used_ring + 4 + 8 * self.size, self.state.next_avail)
+        full_barrier()  # avail_event must be visible before avail idx is read again (2.7.10)
         return self.pending() > 0
