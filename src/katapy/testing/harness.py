@@ -235,5 +235,8 @@ def main(argv: list[str]) -> int:
     except HarnessError as exc:
         print(f"katapy harness: {exc}", file=sys.stderr)
         return 2
+    if EXIT_MARKER not in r.console:
+        why = "timed out; L1 VM killed" if r.timed_out else "the L1 VM ended without an exit status (it reset or was killed)"
+        print(f"\n[harness: {why}]", file=sys.stderr)
     print(f"\n[harness: exit {r.returncode} after {r.seconds:.1f} s]", file=sys.stderr)
     return r.returncode if r.returncode >= 0 else 1
