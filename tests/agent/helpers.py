@@ -70,7 +70,7 @@ def make_busybox_rootfs(root: Path) -> Path:
 
 def make_spec(rootfs: str, args: list[str], cid: str, *, terminal: bool = False,
               memory_limit: int | None = None, env: list[str] | None = None,
-              pid_namespace: bool = True) -> dict[str, Any]:
+              pid_namespace: bool = True, extra_caps: tuple[str, ...] = ()) -> dict[str, Any]:
     """An OCI config.json for a busybox container (runtime-spec config.md / config-linux.md)."""
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if memory_limit is not None:
@@ -83,7 +83,7 @@ def make_spec(rootfs: str, args: list[str], cid: str, *, terminal: bool = False,
             "args": args,
             "env": env or ["PATH=/bin", "HOME=/root", "TERM=xterm"],
             "cwd": "/",
-            "capabilities": {k: ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
+            "capabilities": {k: ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", *extra_caps]
                              for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,

@@ -130,3 +130,20 @@ def test_exec_into_running_container(agent_target: AgentTarget) -> None:
             await agent.remove_container(cid, 10)
 
     trio.run(main)
+
+
+def test_container_cannot_reach_the_agents_root(agent_target: AgentTarget) -> None:
+    """A container process with CAP_SYS_ADMIN that lazily unmounts its own ``/`` still sees only its
+    rootfs, nothing of the agent's root filesystem (its /usr).  In a guest crun runs with --no-pivot
+    (the initramfs root cannot be pivoted): the container root is moved over the agent's ``/`` and
+    chrooted, so this is what keeps the agent's files out of reach there."""
+
+    async def main() -> None:
+        async with await agent_target.connect() as agent:
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
+            script = "test -e /usr && exit 3; umount -l /; if test -e /usr; then echo ESCAPED; else echo CONTAINED; fi"
+            status, out, err = await run_container(agent_target, agent, "escape", ["sh", "-c", script],
+                                                   extra_caps=("CAP_SYS_ADMIN",))
+            assert (status, out) == (0, b"CONTAINED\n"), (status, out, err)
+
+    trio.run(main)
