@@ -19,6 +19,7 @@ from katapy.vmm.virtio.device import (
     QueueState, VirtioDevice,
 )
 from katapy.vmm.virtio.fs import fuse as F
+from katapy.vmm.virtio.fs.fdlimit import raise_nofile_limit
 from katapy.vmm.virtio.fs.passthrough import FuseServer, NoReply, Request
 from katapy.vmm.virtio.queue import DescriptorChain, Queue
 
@@ -61,6 +62,7 @@ class FsDevice(VirtioDevice):
             q.event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
         self._queues = [Queue(mem, q) for q in queues]
         self._kick_fds, self._interrupt, self._loop = list(kick_fds), interrupt, loop
+        raise_nofile_limit()  # one fd per inode the guest holds (fdlimit.py)
         self.server = FuseServer(self.shared_dir)  # a fresh FUSE session per driver activation
         self.broken = False
         for i, fd in enumerate(self._kick_fds):

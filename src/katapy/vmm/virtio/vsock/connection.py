@@ -30,8 +30,13 @@ _log = log.get("vmm.virtio.vsock")
 CONN_BUF_SIZE = 256 * 1024
 #: Send a CREDIT_UPDATE when the guest believes less than this is free.
 CREDIT_UPDATE_THRESHOLD = CONN_BUF_SIZE // 4
-#: How long we wait for the guest's RESPONSE to our REQUEST, or its RST after our full SHUTDOWN.
+#: How long we wait for the guest's RESPONSE to our REQUEST once the REQUEST is in the guest's RX
+#: queue (Firecracker's CONN_REQUEST_TIMEOUT, likewise counted from delivery), or its RST after our
+#: full SHUTDOWN.
 PEER_TIMEOUT_S = 2.0
+#: How long a host-initiated connection may wait for an RX buffer to carry its REQUEST (a guest that
+#: posts none, or is behind with a long backlog) before it is given up.
+REQUEST_DELIVERY_TIMEOUT_S = 10.0
 U32 = 0xFFFFFFFF
 
 
@@ -50,7 +55,9 @@ class Connection:
         self.local_port = local_port  # host side port
         self.peer_port = peer_port  # guest side port
         self.state = state
-        self.deadline: float | None = time.monotonic() + PEER_TIMEOUT_S if state is State.LOCAL_INIT else None
+        # LOCAL_INIT: first the REQUEST must reach the guest's RX queue; PEER_TIMEOUT_S starts from there
+        self.deadline: float | None = (time.monotonic() + REQUEST_DELIVERY_TIMEOUT_S
+                                       if state is State.LOCAL_INIT else None)
         # guest -> host
         self.to_host = bytearray()
         self.handshake_left = 0  # leading bytes of to_host that are the "OK <port>\n" line, not payload
@@ -188,6 +195,8 @@ class Connection:
             op, flags = self.ops.popleft()
             if op == OP_SHUTDOWN:
                 self.sent_shutdown |= flags
+            elif op == OP_REQUEST and self.state is State.LOCAL_INIT:
+                self.deadline = time.monotonic() + PEER_TIMEOUT_S  # the guest has it now
             return Packet(self._header(op, flags))
         if not self.readable or self.state is not State.ESTABLISHED:
             return None
@@ -229,9 +238,19 @@ class Connection:
                 and not self.peer_shutdown & SHUTDOWN_RCV and self.peer_free() > 0)
 
     def expire(self, now: float) -> bool:
-        """Past the handshake/close deadline: the connection is reset.  Returns True if it expired."""
+        """Past the handshake/close deadline: the connection is reset.  Returns True if it expired.
+
+        A REQUEST that never reached the guest is dropped without an RST (the guest knows no such
+        connection), so the host stream is closed at once even while the guest posts no RX buffers."""
         if self.deadline is None or now < self.deadline or self.state is State.CLOSED:
             return False
+        if self.state is State.LOCAL_INIT and (OP_REQUEST, 0) in self.ops:
+            _log.info("vsock connection given up: no RX buffer for its REQUEST", local_port=self.local_port,
+                      peer_port=self.peer_port)
+            self.ops.clear()
+            self.to_host.clear()
+            self.state = State.CLOSED
+            return True
         self.reset("peer timeout", state=self.state.value)
         return True
 
