@@ -1,4 +1,5 @@
-"""Acceptance: virtio-blk (QEMU vhost-user-blk, katapy's BlockDevice) used by a real Linux guest.
+"""Acceptance: virtio-blk (katapy's BlockDevice behind QEMU's vhost-user-blk, or on the built-in VMM's
+virtio-mmio transport; see conftest.py) used by a real Linux guest.
 
 The ext4 images are made on the host (the guest has no mkfs.ext4); the guest
 mounts, writes, reads back and checksums; after the guest unmounts, the host

@@ -1,4 +1,5 @@
-"""Acceptance: virtio-fs (vhost-user-fs-device, katapy's inline FUSE server) mounted by a real guest.
+"""Acceptance: virtio-fs (katapy's FsDevice with its inline FUSE server) mounted by a real guest, over
+vhost-user (QEMU's vhost-user-fs-device) or on the built-in VMM's virtio-mmio transport (conftest.py).
 
 Every operation is done in the guest through the mount and checked on the host side of the share.
 """
