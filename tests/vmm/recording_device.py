@@ -19,6 +19,7 @@ class RecordingDevice(VirtioDevice):
         self.activated = threading.Event()
         self.kick_fds: list[int] = []
         self.interrupt = None
+        self.threads: list[tuple[str, str]] = []  # (call, thread name) for activate/reset
 
     def avail_features(self) -> int:
         return 1 << VIRTIO_F_VERSION_1 | 1 << 0
@@ -34,9 +35,11 @@ class RecordingDevice(VirtioDevice):
         if self.fail_activate:
             raise DeviceError("refusing on purpose")
         self.activations.append([(q.size, q.desc_table, q.avail_ring, q.used_ring) for q in queues])
+        self.threads.append(("activate", threading.current_thread().name))
         self.kick_fds = list(kick_fds)
         self.interrupt = interrupt
         self.activated.set()
 
     def reset(self) -> None:
         self.resets += 1
+        self.threads.append(("reset", threading.current_thread().name))

@@ -136,6 +136,35 @@ def test_failing_activation_sets_device_needs_reset(transport):
     assert rd(transport, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_activation_and_reset_run_on_the_device_loop_thread(transport, fail):
+    """The driver's status writes arrive on a vCPU thread; the device's activation (which processes
+    its queues at once) and reset run on the loop thread that runs its kick callbacks, so no two
+    threads ever work one queue."""
+    import threading
+
+    transport.device.fail_activate = fail
+    transport.loop.start()
+    seen: dict[str, int] = {}
+
+    def vcpu() -> None:
+        negotiate(transport)
+        setup_queue(transport)
+        wr(transport, mmio.STATUS, 0xF)
+        seen["status"] = rd(transport, mmio.STATUS)
+        wr(transport, mmio.STATUS, 0)
+
+    t = threading.Thread(target=vcpu, name="katapy-vcpu0")
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    if fail:
+        assert seen["status"] & mmio.DEVICE_NEEDS_RESET and transport.device.threads == []
+    else:
+        assert seen["status"] == 0xF
+        assert transport.device.threads == [("activate", transport.loop.name), ("reset", transport.loop.name)]
+
+
 def test_status_bits_out_of_order_are_refused(transport):
     wr(transport, mmio.STATUS, mmio.DRIVER_OK)
     assert rd(transport, mmio.STATUS) == 0

@@ -54,6 +54,9 @@ class BuiltVm:
 
     def close(self) -> None:
         """Release everything (vCPU threads must already be stopped)."""
+        # The loop thread first: none of its device callbacks may run while the devices close
+        # and guest memory is unmapped under them.
+        self.loop.stop()
         self.devices.close()
         self.loop.close()
         for v in self.vcpus:

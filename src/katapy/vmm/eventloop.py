@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 import select
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
 
 from katapy import log
 
 _log = log.get("vmm.eventloop")
 
 Callback = Callable[[int, int], None]  # (fd, epoll events)
+T = TypeVar("T")
+
+
+class LoopStoppedError(RuntimeError):
+    """The loop stopped before it ran a function handed to :meth:`EventLoop.run_sync`."""
 
 
 class EventLoop:
@@ -60,6 +65,36 @@ class EventLoop:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass
+
+    def run_sync(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the loop thread and return its result (or raise its exception).
+
+        A device's queues are processed by callbacks on this thread; whatever else
+        changes a device's state (activation and reset, which a vCPU thread triggers
+        through the virtio-mmio status register) must run here too, or two threads
+        could pop and complete the same descriptor chains.  Inline when called on
+        the loop thread or while the loop is not running.
+        """
+        t = self._thread
+        if t is None or not t.is_alive() or t is threading.current_thread():
+            return fn()
+        done = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                outcome["value"] = fn()
+            except BaseException as exc:  # handed back to the caller's thread
+                outcome["error"] = exc
+            done.set()
+
+        self.call_soon(call)
+        while not done.wait(0.5):
+            if self._stop or not t.is_alive():
+                raise LoopStoppedError(f"event loop {self.name} stopped before running {fn!r}")
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["value"]  # type: ignore[return-value]
 
     # -- running -------------------------------------------------------------
     def start(self) -> None:

@@ -19,6 +19,10 @@ Notifications: QueueNotify at base + 0x50 is normally absorbed by a KVM
 ioeventfd with datamatch = queue index, so the device's kick fd fires with
 no exit; a write that does reach us (no ioeventfd) signals the same fd.
 Interrupts: set a bit in InterruptStatus, then fire ``irq`` (an irqfd write).
+
+Threads: registers are written on vCPU threads; the device's activation and
+reset are handed to the device event loop's thread, the only one that runs
+its queue processing.
 """
 from __future__ import annotations
 
@@ -327,7 +331,12 @@ class MmioTransport:
         problem = self._queues_valid()
         if problem is None:
             try:
-                self.device.activate(self.mem, self.queues, self.kick_fds, self.interrupt, self.loop)
+                # On the device loop's thread, where the device's kick callbacks run: activation
+                # processes the queues at once, and doing that on this vCPU thread beside a kick
+                # callback let two threads pop and complete the same chains (the guest then freed
+                # buffers the device went on writing into).
+                self.loop.run_sync(
+                    lambda: self.device.activate(self.mem, self.queues, self.kick_fds, self.interrupt, self.loop))
                 self.activated = True
                 _log.info("virtio device activated", device_type=self.device.device_type)
                 return
@@ -341,7 +350,7 @@ class MmioTransport:
         """Status = 0 (2.4): stop the device, forget all negotiated state."""
         if self.activated:
             try:
-                self.device.reset()
+                self.loop.run_sync(self.device.reset)  # not beside a running kick callback (see _activate)
             except Exception as exc:
                 _log.error("device reset failed", error=repr(exc))
         for fd in self.kick_fds:  # drop stale notifications
