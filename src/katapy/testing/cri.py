@@ -173,8 +173,10 @@ class PrivateCriContainerd:
     """containerd 1.6 with CRI on a private socket; katapy's shim from this checkout."""
 
     def __init__(self, base: Path, katapy_config: Path | None = None, subnet_octet: int | None = None,
-                 level: str = "info") -> None:
+                 level: str = "info", client_timeout: float = 120.0) -> None:
+        """``client_timeout``: the CRI client's per-call deadline (kubelet's runtime-request-timeout, 2 min)."""
         self.base = base
+        self.client_timeout = client_timeout
         tag = uuid.uuid4().hex[:8]
         octet = subnet_octet if subnet_octet is not None else (os.getpid() % 200) + 20
         self.net = CniNet(bridge=f"kpbr{tag}", subnet_prefix=f"10.253.{octet}")
@@ -236,7 +238,7 @@ class PrivateCriContainerd:
         self.proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log, stderr=log,
                                      env=self.env(), start_new_session=True)
         log.close()
-        self.client = CriClient(self.address)
+        self.client = CriClient(self.address, timeout=self.client_timeout)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
