@@ -54,6 +54,26 @@ def test_i8042_self_test_and_reset():
     assert resets == [1, 1]
 
 
+def test_i8042_port_enable_bits_and_keylock_status():
+    """Linux's i8042 probe (drivers/input/serio/i8042.c) reads the configuration byte back after 0xA7/0xA8
+    and 0xAD/0xAE and warns when the status says the keyboard is locked."""
+    k = i8042.I8042(lambda: None)
+    assert k.read(4, 1)[0] & i8042.STATUS_KEYLOCK
+
+    def ctr() -> int:
+        k.write(4, bytes([i8042.CMD_READ_CTR]))
+        return k.read(0, 1)[0]
+
+    k.write(4, bytes([i8042.CMD_DISABLE_AUX]))
+    assert ctr() & i8042.CTR_AUX_DISABLED
+    k.write(4, bytes([i8042.CMD_ENABLE_AUX]))
+    assert not ctr() & i8042.CTR_AUX_DISABLED
+    k.write(4, bytes([i8042.CMD_DISABLE_KBD]))
+    assert ctr() & i8042.CTR_KBD_DISABLED
+    k.write(4, bytes([i8042.CMD_ENABLE_KBD]))
+    assert not ctr() & i8042.CTR_KBD_DISABLED
+
+
 def test_cmos_pci_and_unclaimed_ports():
     bus = Bus("pio")
     bus.insert(ports.Cmos(), ports.CMOS_PORT, 2)

@@ -13,7 +13,10 @@ MIN_MEM_MIB = 2
 
 #: Command-line parameters that suit the built-in VMM's legacy devices (no PCI, one UART,
 #: an i8042 without keyboard/mouse, reboot through the i8042 reset line).
-LEGACY_KERNEL_PARAMS = "reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+#: The i8042 here has no AUX (mouse) port and no keyboard: without these the guest's probe polls the
+#: status port ~10,000 times per AUX/MUX test (one VM exit each) before giving up.
+I8042_KERNEL_PARAMS = "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+LEGACY_KERNEL_PARAMS = f"reboot=k panic=1 pci=off nomodule {I8042_KERNEL_PARAMS}"
 
 
 class ConfigError(ValueError):

@@ -104,12 +104,15 @@ class BuiltinHypervisor(SandboxVm):
     def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
         vmm = self._vmm = vmm_cls()
         vmm.configure_machine(cfg.vcpus, cfg.memory_mib)
+        from katapy.vmm.config import I8042_KERNEL_PARAMS
+
+        cmdline = cfg.guest_cmdline(I8042_KERNEL_PARAMS)
         if self.boot_protocol is None:
-            vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline())
+            vmm.set_boot_source(cfg.kernel, cfg.initrd, cmdline)
         else:
             from katapy.vmm.boot.loader import BootProtocol
 
-            vmm.set_boot_source(cfg.kernel, cfg.initrd, cfg.guest_cmdline(), BootProtocol(self.boot_protocol))
+            vmm.set_boot_source(cfg.kernel, cfg.initrd, cmdline, BootProtocol(self.boot_protocol))
         console = self._console = open(cfg.console_path, "ab", buffering=0)
         vmm.add_serial_output(console.write)  # called on a vCPU thread; unbuffered, so readers see it at once
         self._devices = sandbox_devices(cfg)

@@ -16,6 +16,10 @@ PORT_SPAN = 5  # 0x60..0x64 (0x61 belongs to the in-kernel PIT/speaker and is ne
 STATUS_OBF = 0x01  # output buffer full
 STATUS_SYS = 0x04  # system flag: self-test passed
 STATUS_CMD = 0x08  # last write was a command
+STATUS_KEYLOCK = 0x10  # set: keyboard not inhibited (clear makes Linux warn "Keylock active")
+
+CTR_KBD_DISABLED = 0x10
+CTR_AUX_DISABLED = 0x20
 
 CMD_READ_CTR = 0x20
 CMD_WRITE_CTR = 0x60
@@ -34,7 +38,7 @@ CMD_RESET_CPU = 0xFE
 class I8042:
     def __init__(self, on_reset: Callable[[], None]):
         self._on_reset = on_reset
-        self.status = STATUS_SYS
+        self.status = STATUS_SYS | STATUS_KEYLOCK
         self.ctr = 0x45  # kbd interrupt on, system flag, translation
         self.outp = 0x01  # bit 0 = reset line inactive
         self._pending_cmd: int | None = None
@@ -80,4 +84,12 @@ class I8042:
             self._out.append(self.outp)
         elif cmd == CMD_RESET_CPU:
             self._on_reset()
-        # enable/disable kbd/aux and anything else: accepted, no reply
+        elif cmd == CMD_DISABLE_AUX:  # the port enable bits live in the configuration byte
+            self.ctr |= CTR_AUX_DISABLED
+        elif cmd == CMD_ENABLE_AUX:
+            self.ctr &= ~CTR_AUX_DISABLED
+        elif cmd == CMD_DISABLE_KBD:
+            self.ctr |= CTR_KBD_DISABLED
+        elif cmd == CMD_ENABLE_KBD:
+            self.ctr &= ~CTR_KBD_DISABLED
+        # anything else: accepted, no reply
