@@ -107,10 +107,17 @@ def _socket_of(c: PrivateContainerd, p: Path) -> bool:
 
 def test_run_prints_guest_kernel_output(containerd: PrivateContainerd) -> None:
     # release and build: inside the nested harness the host (L1) runs a 6.1 kernel of the same release
-    res = run(containerd, "kr-out", "uname", "-r", "-v", check=True)
+    res = run(containerd, "kr-out", "sh", "-c", "uname -r -v; date +%s", check=True)
+    kernel, guest_time = res.stdout.strip().rsplit("\n", 1)
     host = f"{os.uname().release} {os.uname().version}"
-    assert res.stdout.strip() and res.stdout.strip() != host, f"guest said {res.stdout!r}, host is {host}"
+    assert kernel.strip() and kernel.strip() != host, f"guest said {res.stdout!r}, host is {host}"
+    # the guest's wall clock is the host's (CMOS RTC under QEMU, kvmclock on KVM): not 1970
+    assert abs(int(guest_time) - time.time()) < 300, f"guest clock {guest_time}, host {time.time():.0f}"
     assert not _leftovers(containerd)
+    # the agent's own log lines (vsock log port) were forwarded into the shim's log, so containerd's
+    forwarded = [ln for ln in containerd.log_path.read_text(errors="replace").splitlines()
+                 if "agent log" in ln and "sandbox created" in ln and "kr-out" in ln]
+    assert forwarded, "the agent's 'sandbox created' line never reached containerd's log"
 
 
 @pytest.mark.parametrize("code", [0, 3])

@@ -5,7 +5,8 @@ Start order: sandbox directory and record -> host cgroup (the shim joins it,
 so VMM threads and an external VMM inherit it) -> ``Hypervisor.start_vm`` with
 the virtio-fs share -> ``AgentClient.connect`` over hybrid vsock ->
 ``CreateSandbox`` with the virtio-fs storage (contracts: tag ``katapy-shared``
-mounted at /run/katapy/shared).  Any failure undoes everything done so far.
+mounted at /run/katapy/shared).  Once the VM runs, the agent's log port is
+forwarded into the shim's log (``agent_log``).  Any failure undoes everything done so far.
 Stop order is the reverse; ``stop`` is idempotent.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from katapy import log
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
 from katapy.resource.rootfs import GUEST_SHARED_DIR
+from katapy.shim.agent_log import AgentLogForwarder
 from katapy.shim.errors import FailedPrecondition, Unavailable
 from katapy.shim.persist import SandboxRecord
 
@@ -72,6 +74,7 @@ class SandboxManager:
         self._stopped = False
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
         self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
+        self.agent_log: AgentLogForwarder | None = None  # the agent's log lines into this shim's log
 
     @property
     def vmm_pid(self) -> int:
@@ -113,6 +116,8 @@ class SandboxManager:
             self.times.vm_start_s = time.monotonic() - t0
             self.record.vmm_pid = self.vmm_pid
             self.record.save()
+            log_path = Path(f"{self.hypervisor.agent_socket()}_{self.config.agent.log_port}")
+            self.agent_log = await self.nursery.start(AgentLogForwarder(log_path, self._log).run)
 
             t0 = time.monotonic()
             await self._connect_agent()
@@ -208,6 +213,9 @@ class SandboxManager:
                 self._agent_release.set()
                 await self._agent_closed.wait()
                 self.agent = None
+            if self.agent_log is not None:
+                self.agent_log.stop()
+                self.agent_log = None
             if self.hypervisor is not None:
                 try:
                     await self.hypervisor.stop_vm()

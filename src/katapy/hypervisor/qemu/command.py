@@ -4,8 +4,10 @@ Machine: ``microvm`` (QEMU ``docs/system/i386/microvm.rst``): no PCI, no
 firmware tables, virtio-mmio devices.  ``acpi=off`` matters: a guest kernel
 without ACPI finds the virtio-mmio devices only through the
 ``virtio_mmio.device=`` parameters QEMU appends to the command line when ACPI
-is off (``auto-kernel-cmdline``, on by default).  The RTC is off (the guest
-uses kvm-clock or the TSC); the PIT and PIC stay (Linux calibrates with the
+is off (``auto-kernel-cmdline``, on by default).  The RTC is on: under TCG
+there is no kvm-clock, and the CMOS clock is where the guest kernel reads the
+wall time at boot (arch/x86/kernel/rtc.c); without it containers start in 1970
+and every certificate looks invalid.  The PIT and PIC stay (Linux calibrates with the
 PIT under TCG).  ``-no-reboot`` turns a guest reset into a QEMU exit, and
 ``panic=-1`` on the kernel command line turns a guest panic into a reset, so
 every way a guest ends is a QEMU exit that the backend sees.
@@ -59,7 +61,7 @@ def build_command(cfg: VmConfig, launch: QemuLaunch) -> list[str]:
     argv = [
         str(launch.binary),
         "-name", _opts(f"katapy-{cfg.sandbox_id}", debug_threads="on"),
-        "-M", _opts("microvm", "x-option-roms=off", "rtc=off", "acpi=off", "isa-serial=on", memory_backend="mem"),
+        "-M", _opts("microvm", "x-option-roms=off", "rtc=on", "acpi=off", "isa-serial=on", memory_backend="mem"),
         "-accel", launch.accel,
         "-cpu", "host" if launch.accel == "kvm" else "max",
         "-smp", str(cfg.vcpus),
