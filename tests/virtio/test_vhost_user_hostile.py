@@ -20,6 +20,7 @@ import time
 import pytest
 import structlog
 
+from katapy.testing import fds
 from katapy.vmm.memory import GuestMemory
 from katapy.vmm.virtio.blk import BlockDevice
 from katapy.vmm.virtio.blk.request import HEADER as BLK_HEADER, RequestType, Status
@@ -101,10 +102,6 @@ def memfd(size: int = RAM) -> int:
     return fd
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.fixture
 def disk(tmp_path):
     p = tmp_path / "disk.img"
@@ -114,7 +111,7 @@ def disk(tmp_path):
 
 @pytest.fixture
 def server(tmp_path, disk):
-    before = fd_count()
+    before = fds.snapshot()
     srv = VhostUserServer(BlockDevice(disk, read_only=False), tmp_path / "vu.sock")
     srv.start()
     with structlog.testing.capture_logs() as logs:
@@ -126,7 +123,7 @@ def server(tmp_path, disk):
     # the loop's last resort, or the server's catch-all for an exception no handler expected
     escaped = [e for e in logs if e.get("event") == "device callback failed; fd dropped" or e.get("exc_info")]
     assert not escaped, f"an unexpected exception in the vhost-user server: {escaped}"
-    assert fd_count() == before, "the server leaked file descriptors"
+    fds.wait_released(before)  # the server leaked nothing
 
 
 def good_session(srv: VhostUserServer) -> None:
@@ -166,13 +163,6 @@ def good_session(srv: VhostUserServer) -> None:
         os.close(fd)
         os.close(kick)
         os.close(call)
-
-
-def wait_fds(target: int) -> None:
-    deadline = time.monotonic() + 5
-    while fd_count() != target:
-        assert time.monotonic() < deadline, f"{fd_count()} fds open, expected {target}"
-        time.sleep(0.01)
 
 
 def logged(srv: VhostUserServer, fragment: str) -> bool:
@@ -251,7 +241,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_message_disconnects_and_server_recovers(server, case):
-    before = fd_count()
+    before = fds.snapshot()
     fe = FrontEnd(server.socket_path)
     try:
         HOSTILE[case](fe)
@@ -260,15 +250,15 @@ def test_hostile_message_disconnects_and_server_recovers(server, case):
         assert fe.disconnected(), f"{case}: the back end kept a front end that sent garbage"
     finally:
         fe.close()
-    wait_fds(before)
+    fds.wait_released(before)
     assert logged(server, "front end disconnected")
     good_session(server)
-    wait_fds(before)
+    fds.wait_released(before)
 
 
 def test_ring_outside_the_region_refuses_activation_but_keeps_serving(server):
     """Vring addresses inside the table whose rings run past the region: the device is not started."""
-    before = fd_count()
+    before = fds.snapshot()
     fe = FrontEnd(server.socket_path)
     fd, kick = memfd(), os.eventfd(0, os.EFD_CLOEXEC)
     try:
@@ -284,12 +274,12 @@ def test_ring_outside_the_region_refuses_activation_but_keeps_serving(server):
         fe.close()
         os.close(fd)
         os.close(kick)
-    wait_fds(before)
+    fds.wait_released(before)
     good_session(server)
 
 
 def test_kick_before_memory_starts_nothing(server):
-    before = fd_count()
+    before = fds.snapshot()
     fe = FrontEnd(server.socket_path)
     kick = os.eventfd(0, os.EFD_CLOEXEC)
     try:
@@ -301,7 +291,7 @@ def test_kick_before_memory_starts_nothing(server):
     finally:
         fe.close()
         os.close(kick)
-    wait_fds(before)
+    fds.wait_released(before)
     good_session(server)
 
 
@@ -354,7 +344,7 @@ def test_second_front_end_is_refused_while_one_is_connected(server):
 
 def test_unpollable_kick_fd_is_refused(server):
     """A kick 'eventfd' that epoll cannot watch (a regular file)."""
-    before = fd_count()
+    before = fds.snapshot()
     fe = FrontEnd(server.socket_path)
     fd = memfd()
     f = tempfile.TemporaryFile()
@@ -369,5 +359,5 @@ def test_unpollable_kick_fd_is_refused(server):
         fe.close()
         f.close()
         os.close(fd)
-    wait_fds(before)
+    fds.wait_released(before)
     good_session(server)

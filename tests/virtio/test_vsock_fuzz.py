@@ -20,6 +20,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from katapy.testing import fds
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.memory import GuestMemory
 from katapy.vmm.virtio.device import VIRTIO_F_VERSION_1, EventFdInterrupt
@@ -205,10 +206,6 @@ def loop_errors():
         yield logs
     escaped = [e for e in logs if e.get("event") == "device callback failed; fd dropped"]
     assert not escaped, escaped
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # -- the oracle --------------------------------------------------------------
@@ -435,7 +432,7 @@ def test_rst_flood_without_rx_buffers_is_bounded(tmp_path, loop_errors):
 
 
 def test_connection_flood_stops_at_the_limit_and_leaks_nothing(tmp_path, loop_errors):
-    before = _fds()
+    before = fds.snapshot()
     rig = VsockRig(tmp_path)
     try:
         rsts = 0
@@ -450,4 +447,4 @@ def test_connection_flood_stops_at_the_limit_and_leaks_nothing(tmp_path, loop_er
         assert rig.dev.muxer.conns == {}
     finally:
         rig.close()
-    assert _fds() == before
+    fds.wait_released(before)

@@ -9,12 +9,12 @@ given up after REQUEST_DELIVERY_TIMEOUT_S without an RST (the guest never heard 
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 
 import pytest
 
+from katapy.testing import fds
 from katapy.vmm.virtio.vsock import connection
 from katapy.vmm.virtio.vsock.connection import PEER_TIMEOUT_S
 from katapy.vmm.virtio.vsock.packet import OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW
@@ -89,7 +89,7 @@ def test_guest_that_never_answers_a_delivered_request_is_reset(tmp_path, loop_er
 def test_request_that_never_finds_an_rx_buffer_is_given_up_without_rst(starved, loop_errors, monkeypatch):
     monkeypatch.setattr(connection, "REQUEST_DELIVERY_TIMEOUT_S", 0.5)
     rig = starved
-    fds = len(os.listdir("/proc/self/fd"))
+    before = fds.snapshot()
     s = _host_connect(rig, GUEST_PORT)
     try:
         t0 = time.monotonic()
@@ -104,4 +104,4 @@ def test_request_that_never_finds_an_rx_buffer_is_given_up_without_rst(starved, 
         assert rig.received() == []  # neither the REQUEST nor an RST for a connection the guest never saw
     finally:
         s.close()
-    assert len(os.listdir("/proc/self/fd")) == fds
+    fds.wait_released(before)
