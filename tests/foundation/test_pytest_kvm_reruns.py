@@ -1,0 +1,59 @@
+"""The nested-harness plugin's re-runs: a kvm test that fails in the harness gets up to RERUN_BOOTS more boots,
+passes only if one of them passes, and is then named FLAKY with its first failure."""
+from __future__ import annotations
+
+import pytest
+
+from katapy.testing import pytest_kvm
+from katapy.testing.pytest_kvm import InnerOutcome
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    """Scripted outcomes per boot: script[node] is the list of outcomes of its successive boots."""
+    calls: list[list[str]] = []
+    script: dict[str, list[str]] = {}
+
+    def fake(nodeids):
+        calls.append(list(nodeids))
+        return {n: InnerOutcome(script[n].pop(0), f"boom in {n}") for n in nodeids}, 10.0
+
+    monkeypatch.setattr(pytest_kvm, "_harness_pytest", fake)
+    saved = dict(pytest_kvm._STATE)
+    pytest_kvm._STATE.clear()
+    yield script, calls
+    pytest_kvm._STATE.clear()
+    pytest_kvm._STATE.update(saved)
+
+
+def run(nodes):
+    pytest_kvm._STATE["nodeids"] = nodes
+    return pytest_kvm._run_delegated(None)
+
+
+def test_a_failure_that_passes_on_a_later_boot_is_flaky(harness):
+    script, calls = harness
+    script.update({"a": ["passed"], "b": ["failed", "failed", "passed"]})
+    out = run(["a", "b"])
+    assert out["a"].outcome == "passed" and out["b"].outcome == "passed"
+    assert calls == [["a", "b"], ["b"], ["b"]]
+    assert pytest_kvm._STATE["flaky"] == ["b: boom in b"]
+    assert pytest_kvm._STATE["harness_seconds"] == 30.0
+
+
+def test_a_failure_on_every_boot_stays_a_failure(harness):
+    script, calls = harness
+    script.update({"b": ["failed"] * (1 + pytest_kvm.RERUN_BOOTS)})
+    out = run(["b"])
+    assert out["b"].outcome == "failed"
+    assert len(calls) == 1 + pytest_kvm.RERUN_BOOTS
+    assert pytest_kvm._STATE["flaky"] == []
+
+
+def test_many_failures_get_no_rerun(harness):
+    script, calls = harness
+    nodes = [f"t{i}" for i in range(pytest_kvm.RERUN_LIMIT + 1)]
+    script.update({n: ["failed"] for n in nodes})
+    out = run(nodes)
+    assert all(o.outcome == "failed" for o in out.values())
+    assert len(calls) == 1
