@@ -86,6 +86,8 @@ def test_triple_fault_ends_the_vm(vmm):
     failure at the int instruction), so this needs hardware KVM."""
     vmm.configure_machine(1, 16)
     vmm.set_flat_boot(protected_mode_guest(r"""
+    mov $0x42, %al
+    out %al, $0x80            /* a device access the report must name */
     lidt bad_idt
     int $3                    /* no IDT: #GP -> #DF -> triple fault */
 bad_idt: .word 0
@@ -94,6 +96,7 @@ bad_idt: .word 0
     vmm.start()
     ex = vmm.wait(10)
     assert ex.reason is ExitReason.TRIPLE_FAULT, ex
+    assert "last device accesses: out 0x80" in ex.detail, ex.detail
 
 
 @pytest.mark.parametrize("vcpus", [2, 4])

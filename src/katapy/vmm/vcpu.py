@@ -16,6 +16,7 @@ the VM through ``on_exit``.
 """
 from __future__ import annotations
 
+import collections
 import signal
 import threading
 from typing import Callable
@@ -35,6 +36,7 @@ from katapy.vmm.state import ExitReason, VmExit
 _log = log.get("vmm.vcpu")
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
+RECENT_EXITS = 6
 _kick_installed = False
 _kick_lock = threading.Lock()
 
@@ -67,6 +69,9 @@ class VcpuThread:
         self._pause = False
         self.paused = False
         self.exit_count = 0
+        # the last device accesses, named in a triple fault's report (SVM resets the vCPU's registers on
+        # shutdown, so they are the best clue to where the guest was)
+        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_EXITS)
         self._thread: threading.Thread | None = None
         _ensure_kick_handler()
 
@@ -152,18 +157,25 @@ class VcpuThread:
     def _handle(self, e: exits.VcpuExit) -> VmExit | None:
         match e:
             case exits.IoOut(port=port, size=size, data=data, count=count):
+                self.recent.append(f"out {port:#x}")
                 for i in range(count):
                     self._safe_write(self.pio_bus, port, data[i * size : (i + 1) * size])
             case exits.IoIn(port=port, size=size, count=count):
+                self.recent.append(f"in {port:#x}")
                 self.vcpu.complete_io_in(b"".join(self._safe_read(self.pio_bus, port, size) for _ in range(count)))
             case exits.MmioWrite(addr=addr, data=data):
+                self.recent.append(f"mmio-w {addr:#x}")
                 self._safe_write(self.mmio_bus, addr, data)
             case exits.MmioRead(addr=addr, length=length):
+                self.recent.append(f"mmio-r {addr:#x}")
                 self.vcpu.complete_mmio_read(self._safe_read(self.mmio_bus, addr, length))
             case exits.Hlt():
                 return VmExit(ExitReason.HALTED, "HLT", self.index)
             case exits.Shutdown():
-                return VmExit(ExitReason.TRIPLE_FAULT, "KVM_EXIT_SHUTDOWN", self.index)
+                recent = ", ".join(self.recent) or "none"
+                return VmExit(ExitReason.TRIPLE_FAULT,
+                              f"KVM_EXIT_SHUTDOWN on vCPU {self.index} after {self.exit_count} exits "
+                              f"(last device accesses: {recent})", self.index)
             case exits.SystemEvent(kind=kind):
                 reason = {
                     KVM_SYSTEM_EVENT_SHUTDOWN: ExitReason.POWEROFF,

@@ -98,17 +98,26 @@ def configure_vcpu(
     num_cpus: int,
     tsc_deadline: bool,
 ) -> None:
-    """CPUID, MSRs, registers, FPU and LAPIC LINT pins of one vCPU (needs the in-kernel irqchip)."""
+    """CPUID, MSRs and LAPIC LINT pins of one vCPU (needs the in-kernel irqchip); the boot processor
+    also gets the entry registers, FPU and segment/paging state.
+
+    Application processors stay in their reset state, waiting in KVM for the INIT-SIPI-SIPI the
+    guest kernel sends them (Intel SDM vol. 3A 9.4 "Multiple-Processor Initialization"; KVM keeps a
+    non-boot vCPU in KVM_MP_STATE_UNINITIALIZED until then).  Loading the boot processor's long-mode
+    state into them too, as some VMMs do, made an AP triple-fault at its start-up now and then under
+    nested SVM (KVM_EXIT_SHUTDOWN on vCPU 1 before its first device access).
+    """
     vcpu.set_cpuid2(vcpu_cpuid(supported_cpuid, vcpu.index, num_cpus, tsc_deadline))
     wanted = msrs.boot_msrs()
     accepted = vcpu.set_msrs(wanted)
     if accepted != len(wanted):
         raise BootError(f"KVM accepted only {accepted} of {len(wanted)} boot MSRs")
-    long_mode = info.kernel.protocol is BootProtocol.LINUX64
-    if long_mode:
-        vcpu.set_regs(regs.linux64_regs(info.kernel.entry, info.boot_struct_addr))
-    else:
-        vcpu.set_regs(regs.pvh_regs(info.kernel.entry, info.boot_struct_addr))
-    vcpu.set_fpu(regs.boot_fpu())
-    vcpu.set_sregs(regs.boot_sregs(vcpu.get_sregs(), long_mode))
+    if vcpu.index == 0:
+        long_mode = info.kernel.protocol is BootProtocol.LINUX64
+        if long_mode:
+            vcpu.set_regs(regs.linux64_regs(info.kernel.entry, info.boot_struct_addr))
+        else:
+            vcpu.set_regs(regs.pvh_regs(info.kernel.entry, info.boot_struct_addr))
+        vcpu.set_fpu(regs.boot_fpu())
+        vcpu.set_sregs(regs.boot_sregs(vcpu.get_sregs(), long_mode))
     vcpu.set_lapic(regs.with_lint_pins(vcpu.get_lapic()))
