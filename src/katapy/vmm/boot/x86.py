@@ -5,7 +5,8 @@ Boot sequence (see docs/vmm.md):
 1. load the kernel (``loader``), 2. the initrd at the top of low RAM,
 3. the command line at 0x20000, 4. the MP table at 0x9fc00,
 5. the zero page (Linux 64-bit protocol) or hvm_start_info (PVH),
-6. GDT/IDT and page tables, 7. per vCPU: CPUID, MSRs, registers, FPU, LINT pins.
+6. GDT/IDT and page tables, 7. per vCPU: CPUID, MSRs, LINT pins; registers, FPU and
+   sregs for the boot vCPU only (the others wait for the guest's INIT-SIPI-SIPI).
 """
 from __future__ import annotations
 
