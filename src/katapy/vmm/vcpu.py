@@ -71,7 +71,7 @@ class VcpuThread:
         self.exit_count = 0
         # the last device accesses, named in a triple fault's report (SVM resets the vCPU's registers on
         # shutdown, so they are the best clue to where the guest was)
-        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_EXITS)
+        self.recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_EXITS)
         self._thread: threading.Thread | None = None
         _ensure_kick_handler()
 
@@ -157,22 +157,22 @@ class VcpuThread:
     def _handle(self, e: exits.VcpuExit) -> VmExit | None:
         match e:
             case exits.IoOut(port=port, size=size, data=data, count=count):
-                self.recent.append(f"out {port:#x}")
+                self.recent.append(("out", port))  # formatted only for a report
                 for i in range(count):
                     self._safe_write(self.pio_bus, port, data[i * size : (i + 1) * size])
             case exits.IoIn(port=port, size=size, count=count):
-                self.recent.append(f"in {port:#x}")
+                self.recent.append(("in", port))  # formatted only for a report
                 self.vcpu.complete_io_in(b"".join(self._safe_read(self.pio_bus, port, size) for _ in range(count)))
             case exits.MmioWrite(addr=addr, data=data):
-                self.recent.append(f"mmio-w {addr:#x}")
+                self.recent.append(("mmio-w", addr))  # formatted only for a report
                 self._safe_write(self.mmio_bus, addr, data)
             case exits.MmioRead(addr=addr, length=length):
-                self.recent.append(f"mmio-r {addr:#x}")
+                self.recent.append(("mmio-r", addr))  # formatted only for a report
                 self.vcpu.complete_mmio_read(self._safe_read(self.mmio_bus, addr, length))
             case exits.Hlt():
                 return VmExit(ExitReason.HALTED, "HLT", self.index)
             case exits.Shutdown():
-                recent = ", ".join(self.recent) or "none"
+                recent = ", ".join(f"{kind} {addr:#x}" for kind, addr in self.recent) or "none"
                 return VmExit(ExitReason.TRIPLE_FAULT,
                               f"KVM_EXIT_SHUTDOWN on vCPU {self.index} after {self.exit_count} exits "
                               f"(last device accesses: {recent})", self.index)
