@@ -37,7 +37,7 @@ def test_a_failure_that_passes_on_a_later_boot_is_flaky(harness):
     out = run(["a", "b"])
     assert out["a"].outcome == "passed" and out["b"].outcome == "passed"
     assert calls == [["a", "b"], ["b"], ["b"]]
-    assert pytest_kvm._STATE["flaky"] == ["b: boom in b"]
+    assert pytest_kvm._STATE["flaky"] == [("b", "boom in b")]
     assert pytest_kvm._STATE["harness_seconds"] == 30.0
 
 
@@ -57,3 +57,29 @@ def test_many_failures_get_no_rerun(harness):
     out = run(nodes)
     assert all(o.outcome == "failed" for o in out.values())
     assert len(calls) == 1
+
+
+def test_the_summary_prints_the_end_of_a_flaky_tests_first_failure(harness):
+    script, _ = harness
+    script.update({"b": ["failed", "passed"]})
+    run(["b"])
+    # the first failure of a boot test ends with the guest console's tail: that is what the summary must keep
+    console = [f"[ {i}.0] console line {i}" for i in range(100)]
+    pytest_kvm._STATE["flaky"] = [("b", "AssertionError: no readiness line\n" + "\n".join(console))]
+    pytest_kvm._STATE.update(mode="harness", count=1, words="1 ran in the nested harness")
+
+    class Reporter:
+        lines: list[str] = []
+
+        def write_sep(self, sep, text):
+            self.lines.append(text)
+
+        def write_line(self, text):
+            self.lines.append(text)
+
+    rep = Reporter()
+    pytest_kvm.pytest_terminal_summary(rep, 0, None)
+    text = "\n".join(rep.lines)
+    assert "FLAKY in the nested harness" in text and "b: AssertionError: no readiness line" in text
+    assert "console line 99" in text and f"console line {100 - pytest_kvm.FLAKY_TAIL_LINES}" in text
+    assert f"console line {99 - pytest_kvm.FLAKY_TAIL_LINES}" not in text

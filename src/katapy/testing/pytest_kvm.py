@@ -121,6 +121,8 @@ def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float]
 RERUN_LIMIT = 8
 #: how many more boots a failing test gets (each one is named FLAKY in the summary if it then passes)
 RERUN_BOOTS = 2
+#: lines of a FLAKY test's first failure printed in the summary (its end: the guest console's tail, for a boot)
+FLAKY_TAIL_LINES = 40
 
 
 def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
@@ -129,7 +131,7 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
     nodeids: list[str] = _STATE["nodeids"]  # type: ignore[assignment]
     outcomes, seconds = _harness_pytest(nodeids)
     first_failure = {n: o.message for n, o in outcomes.items()}
-    flaky: list[str] = []
+    flaky: list[tuple[str, str]] = []  # (nodeid, its first failure)
     for _ in range(RERUN_BOOTS):
         failed = [n for n in nodeids
                   if outcomes.get(n, InnerOutcome("missing", "")).outcome in ("failed", "error", "missing")]
@@ -142,8 +144,7 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
         seconds += more
         for n in failed:
             if again.get(n) is not None and again[n].outcome == "passed":
-                first = (first_failure.get(n, "missing").strip().splitlines() or ["?"])[0][:200]
-                flaky.append(f"{n}: {first}")
+                flaky.append((n, first_failure.get(n, "missing").strip() or "?"))
             if n in again:
                 outcomes[n] = again[n]
     _STATE["harness_seconds"] = seconds
@@ -183,5 +184,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     if "harness_seconds" in _STATE:
         line += f"; harness run took {_STATE['harness_seconds']:.0f} s"
     terminalreporter.write_sep("-", line)
-    for f in _STATE.get("flaky", []):  # type: ignore[attr-defined]
-        terminalreporter.write_line(f"FLAKY in the nested harness (failed, then passed on a later harness boot): {f}")
+    for nodeid, failure in _STATE.get("flaky", []):  # type: ignore[attr-defined]
+        lines = failure.splitlines()
+        terminalreporter.write_line(
+            f"FLAKY in the nested harness (failed, then passed on a later harness boot): {nodeid}: {lines[0][:300]}")
+        if len(lines) > 1:  # the end of the first failure: for a guest boot, the console's last lines
+            terminalreporter.write_line(f"  first failure, last {FLAKY_TAIL_LINES} lines:")
+            for line in lines[1:][-FLAKY_TAIL_LINES:]:
+                terminalreporter.write_line(f"  | {line[:300]}")
