@@ -34,6 +34,11 @@ def guest_initramfs() -> Path:
     return artifacts_dir() / "katapy-initramfs.cpio"
 
 
+def harness_vmlinux() -> Path:
+    """ELF of the harness's L1 kernel (its symbols tell the L1 watch where the L1 resumes after VMRUN)."""
+    return artifacts_dir() / "harness-vmlinux"
+
+
 def harness_bzimage() -> Path:
     """Kernel of the nested KVM harness's L1 VM (guest fragment + KVM + 9p)."""
     return artifacts_dir() / "harness-bzImage"

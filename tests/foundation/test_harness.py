@@ -38,6 +38,9 @@ def test_harness_reports_the_exit_status():
     assert "marker-42" in r.output
     assert r.returncode == 3
     assert r.files["out.txt"] == b"data\n"
+    # the L1 watch (katapy.testing.l1_watch) is armed, and with no L2 guest it catches nothing
+    assert "harness: l1-watch on" in r.console, r.console[-3000:]
+    assert r.l1_leaks == [] and "l1-trace.txt" not in r.files
 
 
 @pytest.mark.slow

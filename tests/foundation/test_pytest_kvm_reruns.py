@@ -16,7 +16,9 @@ def harness(monkeypatch):
 
     def fake(nodeids):
         calls.append(list(nodeids))
-        return {n: InnerOutcome(script[n].pop(0), f"boom in {n}") for n in nodeids}, 10.0
+        outcomes = {n: InnerOutcome(script[n].pop(0), f"boom in {n}") for n in nodeids}
+        leaks = [f"L1 fault in boot {len(calls)}"] if any(o.outcome == "failed" for o in outcomes.values()) else []
+        return outcomes, 10.0, leaks
 
     monkeypatch.setattr(pytest_kvm, "_harness_pytest", fake)
     saved = dict(pytest_kvm._STATE)
@@ -39,6 +41,8 @@ def test_a_failure_that_passes_on_a_later_boot_is_flaky(harness):
     assert calls == [["a", "b"], ["b"], ["b"]]
     assert pytest_kvm._STATE["flaky"] == [("b", "boom in b")]
     assert pytest_kvm._STATE["harness_seconds"] == 30.0
+    # what the L1 watch saw in each boot is kept, numbered by boot
+    assert pytest_kvm._STATE["l1_faults"] == [(1, "L1 fault in boot 1"), (2, "L1 fault in boot 2")]
 
 
 def test_a_failure_on_every_boot_stays_a_failure(harness):
@@ -66,6 +70,7 @@ def test_the_summary_prints_the_end_of_a_flaky_tests_first_failure(harness):
     # the first failure of a boot test ends with the guest console's tail: that is what the summary must keep
     console = [f"[ {i}.0] console line {i}" for i in range(100)]
     pytest_kvm._STATE["flaky"] = [("b", "AssertionError: no readiness line\n" + "\n".join(console))]
+    pytest_kvm._STATE["l1_faults"] = [(1, "L1 emulator fault: L2 vCPU 1 exited (npf) at guest RIP 0xffffffff815011bc")]
     pytest_kvm._STATE.update(mode="harness", count=1, words="1 ran in the nested harness")
 
     class Reporter:
@@ -83,3 +88,4 @@ def test_the_summary_prints_the_end_of_a_flaky_tests_first_failure(harness):
     assert "FLAKY in the nested harness" in text and "b: AssertionError: no readiness line" in text
     assert "console line 99" in text and f"console line {100 - pytest_kvm.FLAKY_TAIL_LINES}" in text
     assert f"console line {99 - pytest_kvm.FLAKY_TAIL_LINES}" not in text
+    assert "harness boot 1: L1 emulator fault: L2 vCPU 1 exited (npf) at guest RIP 0xffffffff815011bc" in text

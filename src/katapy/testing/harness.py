@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from katapy import paths
+from katapy.testing import l1_watch
 from katapy.testing.initramfs import busybox_initramfs
 
 EXIT_MARKER = "KATAPY-HARNESS-EXIT"
@@ -76,6 +77,25 @@ class HarnessResult:
     timed_out: bool = False
     files: dict[str, bytes] = field(default_factory=dict)  # what the command left in /run/katapy-harness
     qemu_pid: int = 0
+    # L2 exits at the L1's own post-VMRUN address: the L1 emulator corrupted an L2 vCPU (see l1_watch)
+    l1_leaks: list[l1_watch.L1StateLeak] = field(default_factory=list)
+
+
+_WATCH: dict[Path, tuple[float, tuple[int, ...]]] = {}
+
+
+def _watch_addresses() -> tuple[int, ...]:
+    """Post-VMRUN addresses of the harness kernel (cached per build); () when its ELF is not there."""
+    vmlinux = paths.harness_vmlinux()
+    try:
+        mtime = vmlinux.stat().st_mtime
+    except OSError:
+        return ()
+    cached = _WATCH.get(vmlinux)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, l1_watch.vmrun_resume_addresses(vmlinux))
+        _WATCH[vmlinux] = cached
+    return cached[1]
 
 
 def _init_script(workdir: str) -> str:
@@ -103,11 +123,14 @@ mkdir -p /host{workdir} 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 work /host{workdir}
 ip link set lo up
 echo "harness: kvm=$(ls /dev/kvm 2>/dev/null) cpu=$(grep -o -m1 -w -e svm -e vmx /proc/cpuinfo)"
+{l1_watch.init_setup(_watch_addresses())}
 echo "KATAPY-HARNESS-BEGIN"
 chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \\
     TERM=dumb KATAPY_IN_HARNESS=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \\
     /bin/sh -c 'cd {shlex.quote(workdir)} && exec /bin/sh /run/katapy-harness/cmd.sh' </dev/console 2>&1
-echo "{EXIT_MARKER} $?"
+rc=$?
+{l1_watch.init_collect("/harness")}
+echo "{EXIT_MARKER} $rc"
 sync
 reboot -f
 """
@@ -200,6 +223,8 @@ def run_in_kvm_vm(
         for f in (scratch.iterdir() if scratch.is_dir() else ()):
             if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
                 result.files[f.name] = f.read_bytes()
+        trace = result.files.pop(l1_watch.TRACE_FILE, b"")
+        result.l1_leaks = l1_watch.parse(trace.decode(errors="replace"))
         return result
 
 
@@ -238,5 +263,7 @@ def main(argv: list[str]) -> int:
     if EXIT_MARKER not in r.console:
         why = "timed out; L1 VM killed" if r.timed_out else "the L1 VM ended without an exit status (it reset or was killed)"
         print(f"\n[harness: {why}]", file=sys.stderr)
+    for leak in r.l1_leaks:
+        print(f"[harness: {leak.describe()}]", file=sys.stderr)
     print(f"\n[harness: exit {r.returncode} after {r.seconds:.1f} s]", file=sys.stderr)
     return r.returncode if r.returncode >= 0 else 1

@@ -97,8 +97,9 @@ def _harness_timeout() -> float:
     return float(os.environ.get("KATAPY_HARNESS_TIMEOUT", "2700"))
 
 
-def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float]:
-    """One boot of the harness running ``nodeids`` with pytest; their outcomes there and the run's seconds."""
+def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float, list[str]]:
+    """One boot of the harness running ``nodeids`` with pytest: their outcomes there, the run's seconds, and
+    the L1 emulator faults the harness's L1 watch caught in that boot (katapy.testing.l1_watch), described."""
     from katapy import paths
     from katapy.testing.harness import run_in_kvm_vm
 
@@ -114,7 +115,7 @@ def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float]
         tail = "\n".join(result.output.splitlines()[-60:])
         for n in nodeids:
             outcomes[n] = InnerOutcome("error", f"the harness run gave no results (exit {result.returncode}):\n{tail}")
-    return outcomes, result.seconds
+    return outcomes, result.seconds, [leak.describe() for leak in result.l1_leaks]
 
 
 #: more harness boots for the tests that failed in the first, when no more than this many did
@@ -129,18 +130,20 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
     if "results" in _STATE:
         return _STATE["results"]  # type: ignore[return-value]
     nodeids: list[str] = _STATE["nodeids"]  # type: ignore[assignment]
-    outcomes, seconds = _harness_pytest(nodeids)
+    outcomes, seconds, leaks = _harness_pytest(nodeids)
+    l1_faults = [(1, leak) for leak in leaks]  # (harness boot, what the L1 watch saw)
     first_failure = {n: o.message for n, o in outcomes.items()}
     flaky: list[tuple[str, str]] = []  # (nodeid, its first failure)
-    for _ in range(RERUN_BOOTS):
+    for boot in range(2, RERUN_BOOTS + 2):
         failed = [n for n in nodeids
                   if outcomes.get(n, InnerOutcome("missing", "")).outcome in ("failed", "error", "missing")]
         if not failed or len(failed) > RERUN_LIMIT:
             break
-        # An L2 guest on the built-in VMM inside the harness has been seen to triple-fault early in boot
-        # (cause not found; ~1 boot in 20 in the full kvm set): a failure gets another harness boot, and
-        # every test that needed one is named in the summary with its first failure.
-        again, more = _harness_pytest(failed)
+        # QEMU TCG's nested SVM now and then resumes an L2 vCPU with the L1's own state, and that L2 guest
+        # triple-faults (katapy.testing.l1_watch catches it and the summary prints it): a failure gets another
+        # harness boot, and every test that needed one is named in the summary with its first failure.
+        again, more, leaks = _harness_pytest(failed)
+        l1_faults += [(boot, leak) for leak in leaks]
         seconds += more
         for n in failed:
             if again.get(n) is not None and again[n].outcome == "passed":
@@ -149,6 +152,7 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
                 outcomes[n] = again[n]
     _STATE["harness_seconds"] = seconds
     _STATE["flaky"] = flaky
+    _STATE["l1_faults"] = l1_faults
     _STATE["results"] = outcomes
     return outcomes
 
@@ -184,6 +188,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     if "harness_seconds" in _STATE:
         line += f"; harness run took {_STATE['harness_seconds']:.0f} s"
     terminalreporter.write_sep("-", line)
+    for boot, fault in _STATE.get("l1_faults", []):  # type: ignore[attr-defined]
+        terminalreporter.write_line(f"harness boot {boot}: {fault}")
     for nodeid, failure in _STATE.get("flaky", []):  # type: ignore[attr-defined]
         lines = failure.splitlines()
         terminalreporter.write_line(

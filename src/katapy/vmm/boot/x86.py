@@ -104,9 +104,7 @@ def configure_vcpu(
 
     Application processors stay in their reset state, waiting in KVM for the INIT-SIPI-SIPI the
     guest kernel sends them (Intel SDM vol. 3A 9.4 "Multiple-Processor Initialization"; KVM keeps a
-    non-boot vCPU in KVM_MP_STATE_UNINITIALIZED until then).  Loading the boot processor's long-mode
-    state into them too, as some VMMs do, made an AP triple-fault at its start-up now and then under
-    nested SVM (KVM_EXIT_SHUTDOWN on vCPU 1 before its first device access).
+    non-boot vCPU in KVM_MP_STATE_UNINITIALIZED until then), as hardware and QEMU do.
     """
     vcpu.set_cpuid2(vcpu_cpuid(supported_cpuid, vcpu.index, num_cpus, tsc_deadline))
     wanted = msrs.boot_msrs()
