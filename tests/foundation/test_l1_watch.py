@@ -13,19 +13,28 @@ CAUGHT = ("          python-81      [000] .....    35.147712: kvm_exit: vcpu 1 r
 
 def test_parse_reads_the_l2_vcpu_reason_and_rip_of_each_caught_exit():
     trace = "# tracer: nop\n#\n" + CAUGHT + "\n" + CAUGHT.replace("vcpu 1", "vcpu 0").replace("npf", "shutdown")
-    leaks = l1_watch.parse(trace)
-    assert [(x.vcpu, x.reason, x.rip, x.task) for x in leaks] == [
-        (1, "npf", 0xFFFFFFFF815011BC, "python-81"), (0, "shutdown", 0xFFFFFFFF815011BC, "python-81")]
+    leaks = l1_watch.parse(trace, (0xFFFFFFFF815011BC,))
+    assert [(x.vcpu, x.reason, x.rip, x.task, x.proven) for x in leaks] == [
+        (1, "npf", 0xFFFFFFFF815011BC, "python-81", True), (0, "shutdown", 0xFFFFFFFF815011BC, "python-81", True)]
     assert leaks[0].seconds == pytest.approx(35.147712)
     assert "L2 vCPU 1" in leaks[0].describe() and "0xffffffff815011bc" in leaks[0].describe()
+    assert "L1 emulator fault" in leaks[0].describe()
+
+
+def test_a_shutdown_elsewhere_is_reported_but_not_blamed_on_the_l1():
+    line = ("  python-81  [000] .....  35.148082: kvm_exit: vcpu 1 reason shutdown rip 0xffffffff81229026 info1 0x0 "
+            "info2 0x0 intr_info 0x80000b0e error_code 0x00000010")
+    (leak,) = l1_watch.parse(line, (0xFFFFFFFF815011BC,))
+    assert not leak.proven and leak.intr_info == 0x80000B0E
+    assert "cause not proven" in leak.describe() and "0x80000b0e" in leak.describe()
 
 
 def test_parse_ignores_everything_but_kvm_exit_lines():
-    assert l1_watch.parse("# tracer: nop\n python-80 [001] ..... 1.0: kvm_entry: vcpu 0, rip 0x1000\n\n") == []
+    assert l1_watch.parse("# tracer: nop\n python-80 [001] ..... 1.0: kvm_entry: vcpu 0, rip 0x1000\n\n", (0x1000,)) == []
 
 
 def test_the_filter_names_every_address():
-    assert l1_watch.trace_filter((0x10, 0x20)) == "guest_rip == 0x10 || guest_rip == 0x20"
+    assert l1_watch.trace_filter((0x10, 0x20)) == "exit_reason == 0x7f || guest_rip == 0x10 || guest_rip == 0x20"
 
 
 def test_post_vmrun_addresses_of_the_harness_kernel_follow_a_vmrun_in_the_svm_entry_code():

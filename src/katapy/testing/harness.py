@@ -224,7 +224,7 @@ def run_in_kvm_vm(
             if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
                 result.files[f.name] = f.read_bytes()
         trace = result.files.pop(l1_watch.TRACE_FILE, b"")
-        result.l1_leaks = l1_watch.parse(trace.decode(errors="replace"))
+        result.l1_leaks = l1_watch.parse(trace.decode(errors="replace"), _watch_addresses())
         return result
 
 

@@ -13,8 +13,12 @@ ever sees the L1's own addresses.
 
 The harness therefore watches ``kvm:kvm_exit`` in the L1, filtered to exits
 whose guest RIP is one of those post-``vmrun`` addresses (read from the
-harness kernel's symbols), and reports every such exit.  A filtered tracepoint
-records nothing for ordinary exits.
+harness kernel's symbols) and to every L2 shutdown (SVM exit code 0x7f, AMD APM
+vol. 2 appendix C), and reports them.  A filtered tracepoint records nothing
+for ordinary exits.  Only an exit at a post-``vmrun`` address proves the L1's
+fault; a shutdown alone is reported with its RIP and the event it was
+delivering, cause not proven (a leaked L1 state whose first fault did not exit
+at that address ends that way too).
 """
 from __future__ import annotations
 
@@ -26,27 +30,34 @@ VMRUN = b"\x0f\x01\xd8"  # AMD APM vol. 3, "VMRUN"
 VMRUN_FUNCTIONS = ("__svm_vcpu_run", "__svm_sev_es_vcpu_run")  # arch/x86/kvm/svm/vmenter.S
 TRACEFS = "/sys/kernel/tracing"
 TRACE_FILE = "l1-trace.txt"  # in the harness scratch dir
+SVM_EXIT_SHUTDOWN = 0x7F
 
 _LINE = re.compile(
     r"^\s*(?P<task>\S+)\s+\[\d+\]\s+\S+\s+(?P<ts>[\d.]+):\s+kvm_exit:\s+vcpu\s+(?P<vcpu>\d+)\s+reason\s+(?P<reason>\S+)"
-    r"\s+rip\s+(?P<rip>0x[0-9a-f]+)"
+    r"\s+rip\s+(?P<rip>0x[0-9a-f]+)(?:.*\sintr_info\s+(?P<intr>0x[0-9a-f]+))?"
 )
 
 
 @dataclass(frozen=True)
 class L1StateLeak:
-    """One L2 exit whose guest RIP was the L1's own post-vmrun address."""
+    """One L2 exit the watch caught: at the L1's own post-vmrun address (proven), or an L2 shutdown."""
 
     task: str  # the L1 thread running the L2 vCPU (the VMM's vCPU thread)
     seconds: float  # L1 trace clock
     vcpu: int
     reason: str
     rip: int
+    proven: bool  # the guest RIP was the L1's post-vmrun address
+    intr_info: int = 0  # EXITINTINFO: the event being delivered when the exit happened
 
     def describe(self) -> str:
-        return (f"L1 emulator fault: L2 vCPU {self.vcpu} ({self.task}) exited ({self.reason}) at guest RIP "
-                f"{self.rip:#x}, the L1 kernel's own return address after VMRUN: QEMU TCG's nested SVM resumed the "
-                f"L2 vCPU with the L1's host state (the L2 guest then triple-faults; not the VMM's doing)")
+        if self.proven:
+            return (f"L1 emulator fault: L2 vCPU {self.vcpu} ({self.task}) exited ({self.reason}) at guest RIP "
+                    f"{self.rip:#x}, the L1 kernel's own return address after VMRUN: QEMU TCG's nested SVM resumed "
+                    f"the L2 vCPU with the L1's host state (the L2 guest then triple-faults; not the VMM's doing)")
+        return (f"L2 vCPU {self.vcpu} ({self.task}) shut down (triple fault) at guest RIP {self.rip:#x} delivering "
+                f"event {self.intr_info:#x}; no exit at the L1's post-VMRUN address was seen, cause not proven "
+                f"(a test's deliberate triple fault reads the same)")
 
 
 def vmrun_resume_addresses(vmlinux: Path) -> tuple[int, ...]:
@@ -83,7 +94,7 @@ def _read(elf, addr: int, size: int) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def trace_filter(addresses: tuple[int, ...]) -> str:
-    return " || ".join(f"guest_rip == {a:#x}" for a in addresses)
+    return " || ".join([f"exit_reason == {SVM_EXIT_SHUTDOWN:#x}", *(f"guest_rip == {a:#x}" for a in addresses)])
 
 
 def init_setup(addresses: tuple[int, ...]) -> str:
@@ -106,10 +117,13 @@ def init_collect(scratch_mount: str) -> str:
     return f"[ -r {TRACEFS}/trace ] && grep kvm_exit {TRACEFS}/trace > {scratch_mount}/{TRACE_FILE} 2>/dev/null"
 
 
-def parse(trace: str) -> list[L1StateLeak]:
+def parse(trace: str, addresses: tuple[int, ...]) -> list[L1StateLeak]:
+    """The caught exits; ``proven`` where the guest RIP is one of the L1's post-vmrun ``addresses``."""
     out = []
     for line in trace.splitlines():
         m = _LINE.match(line)
         if m:
-            out.append(L1StateLeak(m["task"], float(m["ts"]), int(m["vcpu"]), m["reason"], int(m["rip"], 16)))
+            rip = int(m["rip"], 16)
+            out.append(L1StateLeak(m["task"], float(m["ts"]), int(m["vcpu"]), m["reason"], rip,
+                                   rip in addresses, int(m["intr"] or "0", 16)))
     return out
