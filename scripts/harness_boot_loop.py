@@ -1,0 +1,124 @@
+"""Boot katapy's guest with 2 vCPUs again and again, as tests/vmm/test_linux_boot.py does, and count failures.
+
+Run it inside the nested KVM harness (docs/testing.md):
+
+    katapy harness --timeout 2400 -- .venv/bin/python scripts/harness_boot_loop.py 30 builtin,qemu --trace
+
+``builtin`` boots on katapy's VMM (ELF vmlinux, Linux 64-bit boot protocol, one virtio-mmio device),
+``qemu`` on ``qemu-system-x86_64 -M microvm -enable-kvm -cpu host`` with the same kernel (bzImage), initramfs
+and command line, alternately.  A boot passes when the agent prints its readiness line.  ``--trace`` turns
+on the L1's kvm tracepoints (exits, injected events, MSR and port accesses) and, for each failed boot,
+writes the console tail and the trace's last 3000 lines to ``<out>/fail-<kind>-<i>.txt``: this is how the
+L1 emulator's fault (katapy.testing.l1_watch) was found.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1])]
+
+from katapy import log  # noqa: E402
+
+log.configure("warning")  # before the VMM modules bind their loggers
+
+from katapy import paths  # noqa: E402
+from katapy.vmm.api import Vmm  # noqa: E402
+from katapy.vmm.boot.loader import BootProtocol  # noqa: E402
+from katapy.vmm.config import LEGACY_KERNEL_PARAMS  # noqa: E402
+from tests.vmm.conftest import SerialCapture  # noqa: E402
+from tests.vmm.recording_device import RecordingDevice  # noqa: E402
+
+READY = b"katapy-agent: ready"
+BOUND_S = 300.0
+TRACEFS = Path("/sys/kernel/tracing")
+EVENTS = ("kvm_exit", "kvm_inj_exception", "kvm_inj_virq", "kvm_userspace_exit", "kvm_msr", "kvm_pio")
+CMDLINE = f"console=ttyS0 {LEGACY_KERNEL_PARAMS} katapy.agent_port=1024 katapy.log=info"
+
+
+def boot_builtin() -> tuple[bool, str, str]:
+    out, vmm = SerialCapture(), Vmm()
+    vmm.configure_machine(2, 512)
+    vmm.set_boot_source(paths.guest_vmlinux(), paths.guest_initramfs(), CMDLINE, BootProtocol.LINUX64)
+    vmm.add_device(RecordingDevice())
+    vmm.add_serial_output(out)
+    t0 = time.monotonic()
+    vmm.start()
+    ok = False
+    while not ok and time.monotonic() - t0 < BOUND_S and vmm.wait(0) is None:
+        ok = out.wait_for(READY, 1.0)
+    ended = vmm.wait(0)
+    vmm.stop()
+    return ok, str(ended), bytes(out.data).decode(errors="replace")
+
+
+def boot_qemu() -> tuple[bool, str, str]:
+    argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host",
+            "-smp", "2", "-m", "512", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", str(paths.guest_bzimage()), "-initrd", str(paths.guest_initramfs()),
+            "-append", CMDLINE]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    data, t0 = b"", time.monotonic()
+    while READY not in data and time.monotonic() - t0 < BOUND_S:
+        chunk = p.stdout.read()
+        if chunk:
+            data += chunk
+        elif p.poll() is not None:
+            break
+        else:
+            time.sleep(0.2)
+    if p.poll() is None:
+        p.kill()
+    rc = p.wait()
+    p.stdout.close()
+    return READY in data, f"qemu exit {rc}", data.decode(errors="replace")
+
+
+def trace_on() -> bool:
+    if not (TRACEFS / "events").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False)
+    if not (TRACEFS / "events" / "kvm").is_dir():
+        print("boot-loop: no kvm tracepoints in this kernel; tracing off", flush=True)
+        return False
+    (TRACEFS / "buffer_size_kb").write_text("16384")
+    for ev in EVENTS:
+        (TRACEFS / "events" / "kvm" / ev / "enable").write_text("1")
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("count", type=int)
+    ap.add_argument("kinds", help="comma-separated: builtin, qemu")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("/tmp"))
+    a = ap.parse_args()
+    boots = {"builtin": boot_builtin, "qemu": boot_qemu}
+    kinds = a.kinds.split(",")
+    tracing = a.trace and trace_on()
+    failures = {k: 0 for k in kinds}
+    for i in range(a.count):
+        for kind in kinds:
+            if tracing:
+                (TRACEFS / "trace").write_text("")
+            t0 = time.monotonic()
+            ok, ended, console = boots[kind]()
+            print(f"boot-loop: kind={kind} i={i} ok={ok} seconds={time.monotonic() - t0:.1f} ended={ended}", flush=True)
+            if not ok:
+                failures[kind] += 1
+                report = [f"ended: {ended}", "---- console tail", console[-8000:]]
+                if tracing:
+                    report += ["---- L1 trace tail", "\n".join((TRACEFS / "trace").read_text().splitlines()[-3000:])]
+                (a.out / f"fail-{kind}-{i}.txt").write_text("\n".join(report))
+    print("boot-loop: " + " ".join(f"{k}={failures[k]}/{a.count} failed" for k in kinds), flush=True)
+    return 1 if any(failures.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
