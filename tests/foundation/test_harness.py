@@ -40,7 +40,7 @@ def test_harness_reports_the_exit_status():
     assert r.files["out.txt"] == b"data\n"
     # the L1 watch (katapy.testing.l1_watch) is armed, and with no L2 guest it catches nothing
     assert "harness: l1-watch on" in r.console, r.console[-3000:]
-    assert r.l1_leaks == [] and "l1-trace.txt" not in r.files
+    assert r.l1_caught == [] and "l1-trace.txt" not in r.files
 
 
 @pytest.mark.slow

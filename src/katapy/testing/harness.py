@@ -77,8 +77,8 @@ class HarnessResult:
     timed_out: bool = False
     files: dict[str, bytes] = field(default_factory=dict)  # what the command left in /run/katapy-harness
     qemu_pid: int = 0
-    # L2 exits at the L1's own post-VMRUN address: the L1 emulator corrupted an L2 vCPU (see l1_watch)
-    l1_leaks: list[l1_watch.L1StateLeak] = field(default_factory=list)
+    # what the L1 watch caught: L2 exits at the L1's own post-VMRUN address (the L1 emulator's fault), L2 shutdowns
+    l1_caught: list[l1_watch.CaughtExit] = field(default_factory=list)
 
 
 _WATCH: dict[Path, tuple[float, tuple[int, ...]]] = {}
@@ -224,7 +224,7 @@ def run_in_kvm_vm(
             if f.is_file() and f.name != "cmd.sh" and f.name not in (files or {}):
                 result.files[f.name] = f.read_bytes()
         trace = result.files.pop(l1_watch.TRACE_FILE, b"")
-        result.l1_leaks = l1_watch.parse(trace.decode(errors="replace"), _watch_addresses())
+        result.l1_caught = l1_watch.parse(trace.decode(errors="replace"), _watch_addresses())
         return result
 
 
@@ -263,7 +263,7 @@ def main(argv: list[str]) -> int:
     if EXIT_MARKER not in r.console:
         why = "timed out; L1 VM killed" if r.timed_out else "the L1 VM ended without an exit status (it reset or was killed)"
         print(f"\n[harness: {why}]", file=sys.stderr)
-    for leak in r.l1_leaks:
-        print(f"[harness: {leak.describe()}]", file=sys.stderr)
+    for caught in r.l1_caught:
+        print(f"[harness: {caught.describe()}]", file=sys.stderr)
     print(f"\n[harness: exit {r.returncode} after {r.seconds:.1f} s]", file=sys.stderr)
     return r.returncode if r.returncode >= 0 else 1

@@ -39,7 +39,7 @@ _LINE = re.compile(
 
 
 @dataclass(frozen=True)
-class L1StateLeak:
+class CaughtExit:
     """One L2 exit the watch caught: at the L1's own post-vmrun address (proven), or an L2 shutdown."""
 
     task: str  # the L1 thread running the L2 vCPU (the VMM's vCPU thread)
@@ -117,13 +117,13 @@ def init_collect(scratch_mount: str) -> str:
     return f"[ -r {TRACEFS}/trace ] && grep kvm_exit {TRACEFS}/trace > {scratch_mount}/{TRACE_FILE} 2>/dev/null"
 
 
-def parse(trace: str, addresses: tuple[int, ...]) -> list[L1StateLeak]:
+def parse(trace: str, addresses: tuple[int, ...]) -> list[CaughtExit]:
     """The caught exits; ``proven`` where the guest RIP is one of the L1's post-vmrun ``addresses``."""
     out = []
     for line in trace.splitlines():
         m = _LINE.match(line)
         if m:
             rip = int(m["rip"], 16)
-            out.append(L1StateLeak(m["task"], float(m["ts"]), int(m["vcpu"]), m["reason"], rip,
+            out.append(CaughtExit(m["task"], float(m["ts"]), int(m["vcpu"]), m["reason"], rip,
                                    rip in addresses, int(m["intr"] or "0", 16)))
     return out

@@ -115,7 +115,7 @@ def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float,
         tail = "\n".join(result.output.splitlines()[-60:])
         for n in nodeids:
             outcomes[n] = InnerOutcome("error", f"the harness run gave no results (exit {result.returncode}):\n{tail}")
-    return outcomes, result.seconds, [leak.describe() for leak in result.l1_leaks]
+    return outcomes, result.seconds, [c.describe() for c in result.l1_caught]
 
 
 #: more harness boots for the tests that failed in the first, when no more than this many did
@@ -130,8 +130,8 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
     if "results" in _STATE:
         return _STATE["results"]  # type: ignore[return-value]
     nodeids: list[str] = _STATE["nodeids"]  # type: ignore[assignment]
-    outcomes, seconds, leaks = _harness_pytest(nodeids)
-    l1_faults = [(1, leak) for leak in leaks]  # (harness boot, what the L1 watch saw)
+    outcomes, seconds, caught = _harness_pytest(nodeids)
+    l1_faults = [(1, c) for c in caught]  # (harness boot, what the L1 watch saw)
     first_failure = {n: o.message for n, o in outcomes.items()}
     flaky: list[tuple[str, str]] = []  # (nodeid, its first failure)
     for boot in range(2, RERUN_BOOTS + 2):
@@ -142,8 +142,8 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
         # QEMU TCG's nested SVM now and then resumes an L2 vCPU with the L1's own state, and that L2 guest
         # triple-faults (katapy.testing.l1_watch catches it and the summary prints it): a failure gets another
         # harness boot, and every test that needed one is named in the summary with its first failure.
-        again, more, leaks = _harness_pytest(failed)
-        l1_faults += [(boot, leak) for leak in leaks]
+        again, more, caught = _harness_pytest(failed)
+        l1_faults += [(boot, c) for c in caught]
         seconds += more
         for n in failed:
             if again.get(n) is not None and again[n].outcome == "passed":
