@@ -53,9 +53,10 @@ def test_guest_answers_at_the_pod_ip():
         net = SandboxNetwork(pod.pod_path, sid)
         try:
             await net.attach(hv)
-            await hv.start_vm(hypervisor.vm_config(cfg, sid, state_dir=state / sid))
+            vm = hypervisor.vm_config(cfg, sid, state_dir=state / sid)
+            await hv.start_vm(vm)
             net.close_fds()  # QEMU holds its own copy now
-            agent_cm = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout)
+            agent_cm = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
             async with agent_cm as agent:
                 await net.configure_guest(agent)
                 result["interfaces"] = await agent.list_interfaces()

@@ -36,7 +36,7 @@ import trio
 
 from katapy import config as kconfig
 from katapy import hypervisor, log
-from katapy.hypervisor.base import Hypervisor, HypervisorError, VmExit
+from katapy.hypervisor.base import Hypervisor, HypervisorError, VmExit, read_tail
 
 _log = log.get("testing.sandbox")
 T = TypeVar("T")
@@ -79,8 +79,17 @@ def missing_requirements(config: kconfig.KatapyConfig | None = None, backend: st
     return None
 
 
-async def connect_agent(hv: Hypervisor, port: int, timeout: float) -> Any:
-    """Dial the agent over hybrid vsock, failing at once (with the console's tail) if the VM ends first."""
+def console_tail(path: Path | None) -> str:
+    """The end of a VM's console log ("" when there is none)."""
+    return read_tail(path) if path is not None else ""
+
+
+async def connect_agent(hv: Hypervisor, port: int, timeout: float, console: Path | None = None) -> Any:
+    """Dial the agent over hybrid vsock, failing at once (with the console's tail) if the VM ends first.
+
+    A dial that times out while the VM still runs carries the tail of ``console`` (the VM's console log)
+    as an exception note, so a report shows where the guest stopped.
+    """
     from katapy.agent_client import AgentClient
 
     result: dict[str, Any] = {}
@@ -102,7 +111,11 @@ async def connect_agent(hv: Hypervisor, port: int, timeout: float) -> Any:
     if "agent" in result:
         return result["agent"]
     if "error" in result:
-        raise result["error"]
+        err: BaseException = result["error"]
+        tail = console_tail(console)
+        if tail:
+            err.add_note(f"the VM still runs; the end of its console:\n{tail}")
+        raise err
     ended: VmExit = result["exit"]
     raise HypervisorError(
         f"the VM ended before the agent answered: {ended.reason} ({ended.detail}); "
@@ -142,7 +155,7 @@ async def sandbox_vm(
                                   kernel_params=kernel_params)
         await hv.start_vm(vm)
         times["vm_start_s"] = time.monotonic() - t0
-        connected = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout)
+        connected = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
         # the client serves its ttrpc connection from a nursery: enter and leave it as one block
         async with connected as agent:
             times["agent_ready_s"] = time.monotonic() - t0
