@@ -99,7 +99,7 @@ def _harness_timeout() -> float:
 
 def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float, list[str]]:
     """One boot of the harness running ``nodeids`` with pytest: their outcomes there, the run's seconds, and
-    the L1 emulator faults the harness's L1 watch caught in that boot (katapy.testing.l1_watch), described."""
+    what the harness's L1 watch caught in that boot (katapy.testing.l1_watch), described."""
     from katapy import paths
     from katapy.testing.harness import run_in_kvm_vm
 
@@ -140,8 +140,8 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
         if not failed or len(failed) > RERUN_LIMIT:
             break
         # QEMU TCG's nested SVM now and then resumes an L2 vCPU with the L1's own state, and that L2 guest
-        # triple-faults (katapy.testing.l1_watch catches it and the summary prints it): a failure gets another
-        # harness boot, and every test that needed one is named in the summary with its first failure.
+        # triple-faults (katapy.testing.l1_watch reports what it sees of it): a failure gets another harness
+        # boot, and every test that needed one is named in the summary with its first failure.
         again, more, caught = _harness_pytest(failed)
         l1_faults += [(boot, c) for c in caught]
         seconds += more
