@@ -37,7 +37,8 @@ def _config() -> kconfig.KatapyConfig:
 
 
 def test_guest_answers_at_the_pod_ip():
-    from katapy.testing.sandbox import connect_agent, missing_requirements
+    from katapy.hypervisor.agent_dial import dial_agent
+    from katapy.testing.sandbox import missing_requirements
 
     cfg = _config()
     why = missing_requirements(cfg, backend="qemu")
@@ -56,7 +57,7 @@ def test_guest_answers_at_the_pod_ip():
             vm = hypervisor.vm_config(cfg, sid, state_dir=state / sid)
             await hv.start_vm(vm)
             net.close_fds()  # QEMU holds its own copy now
-            agent_cm = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
+            agent_cm = await dial_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
             async with agent_cm as agent:
                 await net.configure_guest(agent)
                 result["interfaces"] = await agent.list_interfaces()

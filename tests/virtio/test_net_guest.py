@@ -25,7 +25,8 @@ from katapy import config as kconfig
 from katapy import hypervisor
 from katapy.agent_client.types import Interface, IPAddress
 from katapy.hypervisor.base import NetDevice as NetDeviceSpec
-from katapy.testing.sandbox import connect_agent, missing_requirements
+from katapy.hypervisor.agent_dial import dial_agent
+from katapy.testing.sandbox import missing_requirements
 
 from agent.helpers import make_busybox_rootfs, make_spec  # tests/ is on sys.path (rootdir-relative packages)
 
@@ -66,7 +67,7 @@ def test_guest_pings_tap_host_and_streams_tcp() -> None:
                 vm = hypervisor.vm_config(cfg, "sb-net", shared_dir=shared, state_dir=workdir / "state")
                 await hv.start_vm(vm)
                 try:
-                    connected = await connect_agent(hv, cfg.agent.port, 120)
+                    connected = await dial_agent(hv, cfg.agent.port, 120)
                 except Exception as exc:
                     console = hv.console_log()[-2000:]  # type: ignore[attr-defined]
                     raise AssertionError(f"the builtin guest's agent never answered: {exc}\n"

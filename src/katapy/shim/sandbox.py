@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 SHARED_FS_TAG = "katapy-shared"
 AGENT_SHUTDOWN_TIMEOUT_S = 5.0
+CONSOLE_LOG_BYTES = 3000  # of the VM console's end, logged when the agent does not answer
 
 
 @dataclass
@@ -75,6 +76,7 @@ class SandboxManager:
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
         self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
         self.agent_log: AgentLogForwarder | None = None  # the agent's log lines into this shim's log
+        self._console: Path | None = None  # the VM's console log
 
     @property
     def vmm_pid(self) -> int:
@@ -109,6 +111,7 @@ class SandboxManager:
                 import dataclasses
 
                 vmcfg = dataclasses.replace(vmcfg, vcpus=sizing.vcpus, memory_mib=sizing.memory_mib)
+            self._console = vmcfg.console_path
             if netns_path:
                 await self._attach_network(netns_path)
             t0 = time.monotonic()
@@ -154,17 +157,34 @@ class SandboxManager:
             raise FailedPrecondition(f"sandbox {self.sandbox_id}: pod network: {exc}") from None
 
     async def _connect_agent(self) -> None:
-        self.agent = await self.nursery.start(self._hold_agent)
+        """Dial the agent; a failure says how far the guest got (its console's end goes to the shim log)."""
+        from katapy.hypervisor.agent_dial import VmEndedBeforeAgent, console_notes, last_lines
+        from katapy.ttrpc.errors import TtrpcError
+
+        try:
+            self.agent = await self.nursery.start(self._hold_agent)
+        except VmEndedBeforeAgent as exc:
+            ended = exc.vm_exit
+            self._log.error("VM ended before the agent answered", reason=ended.reason, detail=ended.detail,
+                            console_tail=ended.console_tail[-CONSOLE_LOG_BYTES:])
+            raise Unavailable(f"sandbox {self.sandbox_id}: the VM ended before its agent answered: {ended.reason}"
+                              f" ({ended.detail}); its console ends: {last_lines(ended.console_tail)}") from None
+        except TtrpcError as exc:
+            tail = console_notes(exc)
+            self._log.error("agent did not answer while the VM runs", error=exc.message,
+                            console_tail=tail[-CONSOLE_LOG_BYTES:])
+            raise Unavailable(f"sandbox {self.sandbox_id}: {exc.message}; the VM still runs, its console ends: "
+                              f"{last_lines(tail)} (more in the shim log)") from None
 
     async def _hold_agent(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, hand the client to ``start``, and keep it open until ``stop`` releases it."""
-        from katapy.agent_client import AgentClient
+        from katapy.hypervisor.agent_dial import dial_agent
 
         assert self.hypervisor is not None
         started = False
         try:
-            client = await AgentClient.connect(self.hypervisor.agent_socket(), port=self.config.agent.port,
-                                               timeout=self.config.agent.dial_timeout)
+            client = await dial_agent(self.hypervisor, self.config.agent.port, self.config.agent.dial_timeout,
+                                      self._console)
             async with client as agent:
                 task_status.started(agent)
                 started = True

@@ -36,7 +36,8 @@ import trio
 
 from katapy import config as kconfig
 from katapy import hypervisor, log
-from katapy.hypervisor.base import Hypervisor, HypervisorError, VmExit, read_tail
+from katapy.hypervisor.agent_dial import dial_agent
+from katapy.hypervisor.base import Hypervisor
 
 _log = log.get("testing.sandbox")
 T = TypeVar("T")
@@ -79,50 +80,6 @@ def missing_requirements(config: kconfig.KatapyConfig | None = None, backend: st
     return None
 
 
-def console_tail(path: Path | None) -> str:
-    """The end of a VM's console log ("" when there is none)."""
-    return read_tail(path) if path is not None else ""
-
-
-async def connect_agent(hv: Hypervisor, port: int, timeout: float, console: Path | None = None) -> Any:
-    """Dial the agent over hybrid vsock, failing at once (with the console's tail) if the VM ends first.
-
-    A dial that times out while the VM still runs carries the tail of ``console`` (the VM's console log)
-    as an exception note, so a report shows where the guest stopped.
-    """
-    from katapy.agent_client import AgentClient
-
-    result: dict[str, Any] = {}
-
-    async def dial(cancel: trio.CancelScope) -> None:
-        try:
-            result["agent"] = await AgentClient.connect(hv.agent_socket(), port=port, timeout=timeout)
-        except Exception as exc:  # re-raised below, outside the nursery's exception group
-            result["error"] = exc
-        cancel.cancel()
-
-    async def watch(cancel: trio.CancelScope) -> None:
-        result["exit"] = await hv.wait_exit()
-        cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(dial, nursery.cancel_scope)
-        nursery.start_soon(watch, nursery.cancel_scope)
-    if "agent" in result:
-        return result["agent"]
-    if "error" in result:
-        err: BaseException = result["error"]
-        tail = console_tail(console)
-        if tail:
-            err.add_note(f"the VM still runs; the end of its console:\n{tail}")
-        raise err
-    ended: VmExit = result["exit"]
-    raise HypervisorError(
-        f"the VM ended before the agent answered: {ended.reason} ({ended.detail}); "
-        f"console tail:\n{ended.console_tail[-1500:]}"
-    )
-
-
 @asynccontextmanager
 async def sandbox_vm(
     config: kconfig.KatapyConfig | None = None,
@@ -155,7 +112,7 @@ async def sandbox_vm(
                                   kernel_params=kernel_params)
         await hv.start_vm(vm)
         times["vm_start_s"] = time.monotonic() - t0
-        connected = await connect_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
+        connected = await dial_agent(hv, cfg.agent.port, cfg.agent.dial_timeout, vm.console_path)
         # the client serves its ttrpc connection from a nursery: enter and leave it as one block
         async with connected as agent:
             times["agent_ready_s"] = time.monotonic() - t0
