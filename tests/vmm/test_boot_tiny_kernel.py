@@ -130,7 +130,7 @@ def test_cli_boots_a_kernel_from_toml(kvm_required, tiny_kernel, tmp_path):
 
     cfg = tmp_path / "vm.toml"
     cfg.write_text(f'kernel = "{tiny_kernel / "vmlinux"}"\ninitrd = "{tiny_kernel / "initrd"}"\n'
-                   'cmdline = "from the cli"\nvcpus = 1\nmem_mib = 32\n')
+                   'cmdline = "from the cli"\nvcpus = 1\nmem_mib = 32\nirqchip = "split"\n')
     env = dict(os.environ, PYTHONPATH=str(__import__("katapy").__path__[0].rsplit("/katapy", 1)[0]))
     r = subprocess.run([sys.executable, "-m", "katapy.cli", "vmm", "--config", str(cfg)],
                        capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
@@ -142,3 +142,8 @@ def test_cli_boots_a_kernel_from_toml(kvm_required, tiny_kernel, tmp_path):
     r = subprocess.run([sys.executable, "-m", "katapy.cli", "vmm", "--config", str(bad)],
                        capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and b"no such file" in r.stderr
+    chip = tmp_path / "chip.json"
+    chip.write_text(f'{{"kernel": "{tiny_kernel / "vmlinux"}", "irqchip": "userspace"}}')
+    r = subprocess.run([sys.executable, "-m", "katapy.cli", "vmm", "--config", str(chip)],
+                       capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and b"irqchip 'userspace': expected one of ['kernel', 'split']" in r.stderr

@@ -5,6 +5,7 @@ import os
 import select
 import struct
 
+from katapy.vmm.config import IrqChip
 from katapy.vmm.state import ExitReason
 from katapy.vmm.virtio import mmio
 from tests.vmm.conftest import SerialCapture
@@ -204,3 +205,55 @@ flag: .byte 0
     ex = vmm.wait(10)
     assert ex is not None and ex.reason is ExitReason.RESET, (ex, bytes(out.data))
     assert bytes(out.data) == b"RID"
+
+
+def test_irqfd_interrupt_through_the_split_irqchip_ioapic(vmm):
+    """virtio interrupt -> irqfd (GSI 5) -> the MSI route katapy's IOAPIC made from the entry the guest
+    programmed -> KVM's LAPIC -> protected-mode handler (IrqChip.SPLIT: KVM_CAP_SPLIT_IRQCHIP)."""
+    out = SerialCapture()
+    vmm.configure_machine(1, 16, IrqChip.SPLIT)
+    dev = RecordingDevice()
+    vmm.add_device(dev)
+    vmm.add_serial_output(out)
+    vmm.set_flat_boot(protected_mode_guest(r"""
+    lidt idt_desc
+    movl $0x1ff, 0xfee000f0       /* LAPIC spurious-vector register: software enable */
+    movl $0x01, 0xfec00000        /* IOREGSEL = IOAPICVER */
+    mov 0xfec00010, %eax
+    call emit_eax
+    movl $0x1a, 0xfec00000        /* redirection entry 5, low dword */
+    movl $0x25, 0xfec00010        /* vector 0x25, fixed, physical, edge, unmasked */
+    movl $0x1b, 0xfec00000        /* high dword */
+    movl $0, 0xfec00010           /* destination: APIC id 0 */
+    mov $0x3f8, %dx
+    mov $'R', %al
+    out %al, %dx
+    sti
+1:  hlt
+    jmp 1b
+handler:                          /* does not return: KVM's emulator (kvm-pvm) has no protected-mode iret */
+    mov $0x3f8, %dx
+    mov $'I', %al
+    out %al, %dx
+    movl $0, 0xfee000b0           /* LAPIC EOI */
+    mov $'D', %al
+    out %al, %dx
+    jmp reset
+.align 8
+idt:
+    .fill 0x25, 8, 0
+    .word handler, 0x08           /* vector 0x25: 32-bit interrupt gate */
+    .byte 0, 0x8e
+    .word 0
+idt_desc:
+    .word 0x26 * 8 - 1
+    .long idt
+"""))
+    vmm.start()
+    assert out.wait_for(b"R")
+    assert struct.unpack("<I", bytes(out.data)[:4])[0] == 0x00170011  # 24 entries, version 0x11
+    transport = vmm.built.devices.slots[0].transport
+    transport.raise_interrupt(mmio.INT_USED_BUFFER)
+    ex = vmm.wait(10)
+    assert ex is not None and ex.reason is ExitReason.RESET, (ex, bytes(out.data))
+    assert bytes(out.data)[4:] == b"RID"

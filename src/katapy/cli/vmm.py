@@ -2,6 +2,7 @@
 
 Configuration keys: ``kernel`` (path), ``initrd`` (path, optional), ``cmdline``,
 ``vcpus`` (default 1), ``mem_mib`` (default 256), ``protocol`` ("linux64" | "pvh"),
+``irqchip`` ("split" | "kernel": where the PIC and I/O APIC live, see katapy.vmm.config.IrqChip),
 and an optional ``devices`` list of tables, each with ``type`` and its arguments:
 vsock (guest_cid, uds_path), fs (tag, shared_dir), blk (path, read_only), net (tap_name, mac).
 Input on stdin goes to the guest's serial port.  Exits 0 when the guest powers off or
@@ -21,7 +22,7 @@ from pathlib import Path
 from katapy import log
 from katapy.vmm.api import Vmm
 from katapy.vmm.boot.loader import BootProtocol
-from katapy.vmm.config import ConfigError
+from katapy.vmm.config import ConfigError, IrqChip, MachineConfig
 from katapy.vmm.state import ExitReason
 
 DEVICE_CLASSES = {
@@ -54,12 +55,16 @@ def make_device(spec: dict):
 
 
 def configure(vmm: Vmm, cfg: dict) -> None:
-    unknown = set(cfg) - {"kernel", "initrd", "cmdline", "vcpus", "mem_mib", "protocol", "devices"}
+    unknown = set(cfg) - {"kernel", "initrd", "cmdline", "vcpus", "mem_mib", "protocol", "irqchip", "devices"}
     if unknown:
         raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
     if "kernel" not in cfg:
         raise ConfigError("'kernel' is required")
-    vmm.configure_machine(int(cfg.get("vcpus", 1)), int(cfg.get("mem_mib", 256)))
+    chips = {c.value: c for c in IrqChip if c is not IrqChip.NONE}
+    if cfg.get("irqchip", MachineConfig.irqchip.value) not in chips:
+        raise ConfigError(f"irqchip {cfg['irqchip']!r}: expected one of {sorted(chips)}")
+    vmm.configure_machine(int(cfg.get("vcpus", 1)), int(cfg.get("mem_mib", 256)),
+                          chips[cfg.get("irqchip", MachineConfig.irqchip.value)])
     try:
         protocol = BootProtocol(cfg.get("protocol", "linux64"))
     except ValueError as exc:

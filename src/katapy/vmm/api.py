@@ -21,7 +21,7 @@ from typing import Callable
 from katapy import log
 from katapy.vmm import builder
 from katapy.vmm.boot.loader import BootProtocol
-from katapy.vmm.config import FlatBoot, KernelBoot, MachineConfig, VmResources
+from katapy.vmm.config import FlatBoot, IrqChip, KernelBoot, MachineConfig, VmResources
 from katapy.vmm.state import ExitReason, VmExit, VmState
 from katapy.vmm.vcpu import VcpuThread
 from katapy.vmm.virtio.device import VirtioDevice
@@ -51,9 +51,9 @@ class Vmm:
         if self._state is not VmState.NOT_STARTED:
             raise VmmError(f"cannot configure a VM that is {self._state.value}")
 
-    def configure_machine(self, vcpus: int, mem_mib: int) -> None:
+    def configure_machine(self, vcpus: int, mem_mib: int, irqchip: IrqChip = IrqChip.KERNEL) -> None:
         self._configurable()
-        m = MachineConfig(vcpus, mem_mib)
+        m = MachineConfig(vcpus, mem_mib, irqchip)
         m.validate()
         self.resources.machine = m
 

@@ -1,8 +1,8 @@
 """Turns :class:`~katapy.vmm.config.VmResources` into a VM ready to run (Firecracker's builder.rs).
 
-Order matters for KVM: the irqchip and the PIT before any vCPU
-(api.rst 4.24), memory slots before the vCPUs run, CPUID before the
-other per-vCPU state (api.rst 4.73).
+Order matters for KVM: the irqchip (KVM_CREATE_IRQCHIP and the PIT, or
+KVM_CAP_SPLIT_IRQCHIP) before any vCPU (api.rst 4.24, 7.8), memory slots
+before the vCPUs run, CPUID before the other per-vCPU state (api.rst 4.73).
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from katapy import log
 from katapy.vmm.boot import layout, x86
 from katapy.vmm.bus import Bus
-from katapy.vmm.config import FlatBoot, KernelBoot, VmResources
+from katapy.vmm.config import FlatBoot, IrqChip, KernelBoot, VmResources
 from katapy.vmm.device_manager import MmioDeviceManager
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.kvm import consts
 from katapy.vmm.kvm.system import Kvm
 from katapy.vmm.kvm.vcpu import Regs, VcpuFd
 from katapy.vmm.kvm.vm import VmFd
-from katapy.vmm.legacy import i8042, ports, serial
+from katapy.vmm.legacy import i8042, ioapic, ports, serial
 from katapy.vmm.memory import GuestMemory
 
 _log = log.get("vmm.builder")
@@ -29,7 +29,12 @@ REQUIRED_CAPS = {
     "KVM_CAP_IRQFD": consts.KVM_CAP_IRQFD,
     "KVM_CAP_IOEVENTFD": consts.KVM_CAP_IOEVENTFD,
     "KVM_CAP_IMMEDIATE_EXIT": consts.KVM_CAP_IMMEDIATE_EXIT,
-    "KVM_CAP_PIT2": consts.KVM_CAP_PIT2,
+}
+IRQCHIP_CAPS = {
+    IrqChip.KERNEL: {"KVM_CAP_PIT2": consts.KVM_CAP_PIT2},
+    IrqChip.SPLIT: {"KVM_CAP_SPLIT_IRQCHIP": consts.KVM_CAP_SPLIT_IRQCHIP,
+                    "KVM_CAP_IRQ_ROUTING": consts.KVM_CAP_IRQ_ROUTING},
+    IrqChip.NONE: {},
 }
 
 
@@ -69,8 +74,9 @@ class BuiltVm:
         self.kvm.close()
 
 
-def _check_caps(kvm: Kvm) -> None:
-    missing = [name for name, cap in REQUIRED_CAPS.items() if not kvm.check_extension(cap)]
+def _check_caps(kvm: Kvm, irqchip: IrqChip) -> None:
+    needed = REQUIRED_CAPS | IRQCHIP_CAPS[irqchip]
+    missing = [name for name, cap in needed.items() if not kvm.check_extension(cap)]
     if missing:
         raise BuildError(f"/dev/kvm lacks {', '.join(missing)}")
 
@@ -93,15 +99,17 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
     kvm = Kvm()
     cleanup: list = [kvm.close]
     try:
-        _check_caps(kvm)
+        _check_caps(kvm, res.machine.irqchip)
         vm = kvm.create_vm()
         cleanup.append(vm.close)
         vm.set_tss_addr()
         if kvm.check_extension(consts.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr()
-        if res.in_kernel_irqchip:
+        if res.machine.irqchip is IrqChip.KERNEL:
             vm.create_irqchip()
             vm.create_pit2()
+        elif res.machine.irqchip is IrqChip.SPLIT:
+            vm.enable_split_irqchip(ioapic.IOAPIC_PINS)
         mem_size = res.machine.mem_mib << 20
         mem = GuestMemory.create(layout.ram_regions(mem_size))
         cleanup.append(mem.close)
@@ -112,7 +120,7 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
         pio, mmio = Bus("pio"), Bus("mmio")
         serial_irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cleanup.append(lambda: os.close(serial_irq_fd))
-        if res.in_kernel_irqchip:
+        if res.machine.irqchip is not IrqChip.NONE:
             vm.register_irqfd(serial_irq_fd, serial.COM1_IRQ)
         uart = serial.Serial(res.serial_output, lambda: os.eventfd_write(serial_irq_fd, 1))
         kbd = i8042.I8042(on_reset)
@@ -121,6 +129,11 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
         pio.insert(ports.DebugPort(), ports.DEBUG_PORT, 1)
         pio.insert(ports.Cmos(), ports.CMOS_PORT, 2)
         pio.insert(ports.NoPciBus(), ports.PCI_CONFIG_PORT, ports.PCI_CONFIG_SPAN)
+        if res.machine.irqchip is IrqChip.SPLIT:
+            pio.insert(ports.SilentPic(), ports.PIC_MASTER_PORT, ports.PIC_SPAN)
+            pio.insert(ports.SilentPic(), ports.PIC_SLAVE_PORT, ports.PIC_SPAN)
+            mmio.insert(ioapic.Ioapic(lambda routes: vm.set_gsi_routing([], routes)), ioapic.IOAPIC_BASE,
+                        ioapic.IOAPIC_SIZE)
 
         devices = MmioDeviceManager(vm, mem, mmio, loop)
         cleanup.append(devices.close)

@@ -1,6 +1,7 @@
 """What the user asked the VMM for (Firecracker's resources.rs): plain data, checked, no KVM state."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,10 +24,26 @@ class ConfigError(ValueError):
     pass
 
 
+class IrqChip(enum.Enum):
+    """Where the interrupt controllers live.
+
+    ``KERNEL``: KVM's PIC pair, I/O APIC, PIT and LAPICs (KVM_CREATE_IRQCHIP + KVM_CREATE_PIT2, as
+    Firecracker sets up).  ``SPLIT``: KVM's LAPICs, katapy's I/O APIC delivering MSIs through KVM
+    routes, a PIC that never fires and no PIT (KVM_CAP_SPLIT_IRQCHIP, as cloud-hypervisor and QEMU's
+    microvm set up); Linux guests keep time with kvm-clock and the LAPIC timer.  ``NONE``: no
+    irqchip at all (small test guests; HLT exits to the VMM).
+    """
+
+    KERNEL = "kernel"
+    SPLIT = "split"
+    NONE = "none"
+
+
 @dataclass
 class MachineConfig:
     vcpus: int = 1
     mem_mib: int = 128
+    irqchip: IrqChip = IrqChip.KERNEL
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -76,7 +93,6 @@ class VmResources:
     boot: BootSource | None = None
     devices: list[VirtioDevice] = field(default_factory=list)
     serial_output: Callable[[bytes], None] | None = None
-    in_kernel_irqchip: bool = True
 
     def validate(self) -> None:
         self.machine.validate()

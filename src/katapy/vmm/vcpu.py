@@ -183,6 +183,8 @@ class VcpuThread:
                     KVM_SYSTEM_EVENT_CRASH: ExitReason.CRASH,
                 }.get(kind, ExitReason.ERROR)
                 return VmExit(reason, f"KVM_EXIT_SYSTEM_EVENT type {kind}", self.index)
+            case exits.IoapicEoi():
+                pass  # katapy's IOAPIC routes every pin as an edge (legacy/ioapic.py): nothing to re-deliver
             case exits.InternalError(suberror=sub, data=data):
                 rip = self._rip()
                 return VmExit(ExitReason.ERROR, f"KVM internal error suberror={sub} data={data} rip={rip}", self.index)

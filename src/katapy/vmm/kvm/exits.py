@@ -64,6 +64,13 @@ class SystemEvent:
 
 
 @dataclass(frozen=True)
+class IoapicEoi:
+    """KVM_EXIT_IOAPIC_EOI (split irqchip only): the guest ended a level-triggered IOAPIC interrupt."""
+
+    vector: int
+
+
+@dataclass(frozen=True)
 class InternalError:
     """KVM_EXIT_INTERNAL_ERROR: KVM could not emulate something (suberror 1 = emulation failure)."""
 
@@ -93,5 +100,6 @@ class Unknown:
 
 
 VcpuExit = (
-    IoIn | IoOut | MmioRead | MmioWrite | Hlt | Shutdown | SystemEvent | InternalError | FailEntry | Interrupted | Unknown
+    IoIn | IoOut | MmioRead | MmioWrite | Hlt | Shutdown | SystemEvent | IoapicEoi | InternalError | FailEntry
+    | Interrupted | Unknown
 )

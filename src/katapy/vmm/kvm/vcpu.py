@@ -174,6 +174,8 @@ class VcpuFd:
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             ev = run.system_event
             return exits.SystemEvent(ev.type, tuple(ev.data[i] for i in range(min(ev.ndata, 16))))
+        if reason == lib.KVM_EXIT_IOAPIC_EOI:
+            return exits.IoapicEoi(run.eoi.vector)
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             ie = run.internal
             return exits.InternalError(ie.suberror, tuple(ie.data[i] for i in range(min(ie.ndata, 16))))

@@ -5,7 +5,8 @@ KVM_SET_TSS_ADDR (4.48), KVM_SET_IDENTITY_MAP_ADDR (4.69), KVM_CREATE_IRQCHIP
 (4.24, KVM_CAP_IRQCHIP), KVM_CREATE_PIT2 (4.71, KVM_CAP_PIT2), KVM_IRQ_LINE
 (4.25), KVM_IRQFD (4.75, KVM_CAP_IRQFD), KVM_IOEVENTFD (4.59,
 KVM_CAP_IOEVENTFD), KVM_SIGNAL_MSI (4.70, KVM_CAP_SIGNAL_MSI),
-KVM_SET_GSI_ROUTING (4.52, KVM_CAP_IRQ_ROUTING), KVM_CREATE_VCPU (4.7).
+KVM_SET_GSI_ROUTING (4.52, KVM_CAP_IRQ_ROUTING), KVM_CREATE_VCPU (4.7),
+KVM_ENABLE_CAP (4.37) with KVM_CAP_SPLIT_IRQCHIP (7.8).
 """
 from __future__ import annotations
 
@@ -82,6 +83,16 @@ class VmFd:
     def create_irqchip(self) -> None:
         """In-kernel PIC pair, IOAPIC and per-vCPU LAPICs (must precede vCPU creation)."""
         check(lib.katapy_ioctl(self.fd, lib.KVM_CREATE_IRQCHIP, 0), "KVM_CREATE_IRQCHIP")
+
+    def enable_split_irqchip(self, ioapic_pins: int) -> None:
+        """LAPICs in KVM, IOAPIC and PIC in the VMM (api.rst 7.8; must precede vCPU creation).
+
+        GSIs below ``ioapic_pins`` are the VMM's IOAPIC pins: their routes are MSIs the VMM
+        programs, and an EOI of a level-triggered one exits with KVM_EXIT_IOAPIC_EOI.
+        """
+        cap = ffi.new("struct kvm_enable_cap *", {"cap": lib.KVM_CAP_SPLIT_IRQCHIP})
+        cap.args[0] = ioapic_pins
+        check(lib.katapy_ioctl_ptr(self.fd, lib.KVM_ENABLE_CAP, cap), "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)")
 
     def create_pit2(self) -> None:
         cfg = ffi.new("struct kvm_pit_config *")
