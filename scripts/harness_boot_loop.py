@@ -29,7 +29,7 @@ log.configure("warning")  # before the VMM modules bind their loggers
 from katapy import paths  # noqa: E402
 from katapy.vmm.api import Vmm  # noqa: E402
 from katapy.vmm.boot.loader import BootProtocol  # noqa: E402
-from katapy.vmm.config import LEGACY_KERNEL_PARAMS  # noqa: E402
+from katapy.vmm.config import LEGACY_KERNEL_PARAMS, IrqChip  # noqa: E402
 from tests.vmm.conftest import SerialCapture  # noqa: E402
 from tests.vmm.recording_device import RecordingDevice  # noqa: E402
 
@@ -40,9 +40,27 @@ EVENTS = ("kvm_exit", "kvm_inj_exception", "kvm_inj_virq", "kvm_userspace_exit",
 CMDLINE = f"console=ttyS0 {LEGACY_KERNEL_PARAMS} katapy.agent_port=1024 katapy.log=info"
 
 
-def boot_builtin() -> tuple[bool, str, str]:
+def boot_builtin(pit: bool = True, pic_routes: bool = True, irqchip: str = "kernel") -> tuple[bool, str, str]:
+    """``pit=False``: no in-kernel PIT (KVM_CREATE_PIT2 left out); ``pic_routes=False``: GSIs 0-23 routed to
+    the IOAPIC only (KVM's default table also routes GSIs 0-15 to the PIC); to see what plays a part."""
+    if not pit or not pic_routes:
+        from katapy.vmm.kvm.vm import VmFd
+        saved = VmFd.create_pit2, VmFd.create_irqchip
+
+        def create_irqchip(self: VmFd) -> None:
+            saved[1](self)
+            if not pic_routes:
+                self.set_gsi_routing([(gsi, 2, gsi) for gsi in range(24)])  # 2: KVM_IRQCHIP_IOAPIC
+
+        VmFd.create_irqchip = create_irqchip  # type: ignore[method-assign]
+        if not pit:
+            VmFd.create_pit2 = lambda self: None  # type: ignore[method-assign]
+        try:
+            return boot_builtin()
+        finally:
+            VmFd.create_pit2, VmFd.create_irqchip = saved  # type: ignore[method-assign]
     out, vmm = SerialCapture(), Vmm()
-    vmm.configure_machine(2, 512)
+    vmm.configure_machine(2, 512, IrqChip(irqchip))
     vmm.set_boot_source(paths.guest_vmlinux(), paths.guest_initramfs(), CMDLINE, BootProtocol.LINUX64)
     vmm.add_device(RecordingDevice())
     vmm.add_serial_output(out)
@@ -56,8 +74,13 @@ def boot_builtin() -> tuple[bool, str, str]:
     return ok, str(ended), bytes(out.data).decode(errors="replace")
 
 
-def boot_qemu() -> tuple[bool, str, str]:
-    argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host",
+def boot_qemu(irqchip: str = "split", pit: str = "auto", memfd: bool = False) -> tuple[bool, str, str]:
+    """QEMU's microvm defaults to a split irqchip (LAPIC in KVM, PIC/IOAPIC/PIT in QEMU); ``irqchip="on"`` puts
+    them all in KVM, as the built-in VMM does; ``pit="off"`` leaves the PIT out; ``memfd`` backs guest RAM
+    with a shared memfd, as the built-in VMM does (QEMU's default is private anonymous memory)."""
+    ram = ["-object", "memory-backend-memfd,id=ram,size=512M,share=on", "-M", "memory-backend=ram"] if memfd else []
+    argv = ["qemu-system-x86_64", *ram, "-M", f"microvm,acpi=off,x-option-roms=off,rtc=off,pit={pit}",
+            "-accel", f"kvm,kernel-irqchip={irqchip}", "-cpu", "host",
             "-smp", "2", "-m", "512", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-kernel", str(paths.guest_bzimage()), "-initrd", str(paths.guest_initramfs()),
             "-append", CMDLINE]
@@ -95,11 +118,19 @@ def trace_on() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("count", type=int)
-    ap.add_argument("kinds", help="comma-separated: builtin, qemu")
+    ap.add_argument("kinds", help="comma-separated: builtin, builtin-nopit, builtin-nopic, builtin-split, qemu, qemu-kirq (QEMU with KVM's "
+                    "full irqchip), qemu-kirq-nopit, qemu-memfd (guest RAM in a shared memfd)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp"))
+    ap.add_argument("--keep-consoles", action="store_true",
+                    help="write every boot's console to <out>/console-<kind>-<i>.txt (to diff what the guest saw)")
     a = ap.parse_args()
-    boots = {"builtin": boot_builtin, "qemu": boot_qemu}
+    boots = {"builtin": boot_builtin, "builtin-nopit": lambda: boot_builtin(pit=False),
+             "builtin-nopic": lambda: boot_builtin(pic_routes=False),
+             "builtin-split": lambda: boot_builtin(irqchip="split"),
+             "qemu": boot_qemu,
+             "qemu-kirq": lambda: boot_qemu("on"), "qemu-kirq-nopit": lambda: boot_qemu("on", pit="off"),
+             "qemu-memfd": lambda: boot_qemu(memfd=True)}
     kinds = a.kinds.split(",")
     tracing = a.trace and trace_on()
     failures = {k: 0 for k in kinds}
@@ -110,6 +141,8 @@ def main() -> int:
             t0 = time.monotonic()
             ok, ended, console = boots[kind]()
             print(f"boot-loop: kind={kind} i={i} ok={ok} seconds={time.monotonic() - t0:.1f} ended={ended}", flush=True)
+            if a.keep_consoles:
+                (a.out / f"console-{kind}-{i}.txt").write_text(console)
             if not ok:
                 failures[kind] += 1
                 report = [f"ended: {ended}", "---- console tail", console[-8000:]]
