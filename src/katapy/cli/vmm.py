@@ -60,7 +60,7 @@ def configure(vmm: Vmm, cfg: dict) -> None:
         raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
     if "kernel" not in cfg:
         raise ConfigError("'kernel' is required")
-    chips = {c.value: c for c in IrqChip if c is not IrqChip.NONE}
+    chips = {c.value: c for c in IrqChip}
     if cfg.get("irqchip", MachineConfig.irqchip.value) not in chips:
         raise ConfigError(f"irqchip {cfg['irqchip']!r}: expected one of {sorted(chips)}")
     vmm.configure_machine(int(cfg.get("vcpus", 1)), int(cfg.get("mem_mib", 256)),

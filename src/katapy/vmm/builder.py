@@ -34,7 +34,6 @@ IRQCHIP_CAPS = {
     IrqChip.KERNEL: {"KVM_CAP_PIT2": consts.KVM_CAP_PIT2},
     IrqChip.SPLIT: {"KVM_CAP_SPLIT_IRQCHIP": consts.KVM_CAP_SPLIT_IRQCHIP,
                     "KVM_CAP_IRQ_ROUTING": consts.KVM_CAP_IRQ_ROUTING},
-    IrqChip.NONE: {},
 }
 
 
@@ -108,7 +107,7 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
         if res.machine.irqchip is IrqChip.KERNEL:
             vm.create_irqchip()
             vm.create_pit2()
-        elif res.machine.irqchip is IrqChip.SPLIT:
+        else:
             vm.enable_split_irqchip(ioapic.IOAPIC_PINS)
         mem_size = res.machine.mem_mib << 20
         mem = GuestMemory.create(layout.ram_regions(mem_size))
@@ -120,8 +119,7 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
         pio, mmio = Bus("pio"), Bus("mmio")
         serial_irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cleanup.append(lambda: os.close(serial_irq_fd))
-        if res.machine.irqchip is not IrqChip.NONE:
-            vm.register_irqfd(serial_irq_fd, serial.COM1_IRQ)
+        vm.register_irqfd(serial_irq_fd, serial.COM1_IRQ)
         uart = serial.Serial(res.serial_output, lambda: os.eventfd_write(serial_irq_fd, 1))
         kbd = i8042.I8042(on_reset)
         pio.insert(uart, serial.COM1_PORT, 8)

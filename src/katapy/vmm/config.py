@@ -30,13 +30,11 @@ class IrqChip(enum.Enum):
     ``KERNEL``: KVM's PIC pair, I/O APIC, PIT and LAPICs (KVM_CREATE_IRQCHIP + KVM_CREATE_PIT2, as
     Firecracker sets up).  ``SPLIT``: KVM's LAPICs, katapy's I/O APIC delivering MSIs through KVM
     routes, a PIC that never fires and no PIT (KVM_CAP_SPLIT_IRQCHIP, as cloud-hypervisor and QEMU's
-    microvm set up); Linux guests keep time with kvm-clock and the LAPIC timer.  ``NONE``: no
-    irqchip at all (small test guests; HLT exits to the VMM).
+    microvm set up); Linux guests keep time with kvm-clock and the LAPIC timer.
     """
 
     KERNEL = "kernel"
     SPLIT = "split"
-    NONE = "none"
 
 
 @dataclass
