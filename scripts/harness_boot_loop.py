@@ -56,6 +56,29 @@ class PolledCapture:
         return needle in self.data
 
 
+def boot_builtin_qemu_xsave() -> tuple[bool, str, str]:
+    """CPUID leaf 0xD as QEMU gives it here: no PKRU state component (bit 9), sizes for x87/SSE/AVX only."""
+    from katapy.vmm.boot import x86
+
+    original = x86.vcpu_cpuid
+
+    def vcpu_cpuid(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entries = original(*args, **kwargs)
+        for e in entries:
+            if e.function == 0xD and e.index == 0:
+                e.eax &= ~(1 << 9)
+                e.ecx = 0x340  # the size that x87, SSE and AVX state need
+            elif e.function == 0xD and e.index == 9:
+                e.eax = e.ebx = e.ecx = e.edx = 0
+        return entries
+
+    x86.vcpu_cpuid = vcpu_cpuid  # type: ignore[assignment]
+    try:
+        return boot_builtin()
+    finally:
+        x86.vcpu_cpuid = original  # type: ignore[assignment]
+
+
 def boot_builtin(pit: bool = True, pic_routes: bool = True, irqchip: str = "kernel",
                  polled: bool = False) -> tuple[bool, str, str]:
     """``pit=False``: no in-kernel PIT (KVM_CREATE_PIT2 left out); ``pic_routes=False``: GSIs 0-23 routed to
@@ -135,7 +158,7 @@ def trace_on() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("count", type=int)
-    ap.add_argument("kinds", help="comma-separated: builtin, builtin-nopit, builtin-nopic, builtin-split, builtin-polled (serial output polled), qemu, qemu-kirq (QEMU with KVM's "
+    ap.add_argument("kinds", help="comma-separated: builtin, builtin-nopit, builtin-nopic, builtin-split, builtin-polled (serial output polled), builtin-xsave (CPUID 0xD as QEMU's), qemu, qemu-kirq (QEMU with KVM's "
                     "full irqchip), qemu-kirq-nopit, qemu-memfd (guest RAM in a shared memfd)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp"))
@@ -146,6 +169,7 @@ def main() -> int:
              "builtin-nopic": lambda: boot_builtin(pic_routes=False),
              "builtin-split": lambda: boot_builtin(irqchip="split"),
              "builtin-polled": lambda: boot_builtin(polled=True),
+             "builtin-xsave": boot_builtin_qemu_xsave,
              "qemu": boot_qemu,
              "qemu-kirq": lambda: boot_qemu("on"), "qemu-kirq-nopit": lambda: boot_qemu("on", pit="off"),
              "qemu-memfd": lambda: boot_qemu(memfd=True)}
