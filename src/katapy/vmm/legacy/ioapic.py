@@ -149,8 +149,8 @@ class Ioapic:
         return None, False
 
     def _update_routes(self) -> None:
-        routes = [RedirectionEntry(raw).msi(pin) for pin, raw in enumerate(self.entries)
-                  if not RedirectionEntry(raw).masked]
+        entries = [(pin, RedirectionEntry(raw)) for pin, raw in enumerate(self.entries)]
+        routes = [entry.msi(pin) for pin, entry in entries if not entry.masked]
         if routes != self.routes:
             self.routes = routes
             self._on_routes(routes)
