@@ -209,3 +209,45 @@ def test_fuzzed_requests_never_break_the_device(h, disk, header, payload, in_len
     assert 0 <= length <= writable
     assert not h.dev.broken
     assert os.path.getsize(disk) == DISK_SECTORS * 512
+
+
+def _raw_chain(h, descs: list[tuple[int, int, bool]]) -> tuple[int, int]:
+    """Publish a chain of raw (addr, len, writable) descriptors, run the device; (used len, status byte)."""
+    from katapy.vmm.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+
+    ids = [h.q.free.pop(0) for _ in descs]
+    for i, (addr, length, writable) in enumerate(descs):
+        last = i == len(descs) - 1
+        h.q.write_desc(h.q.desc, ids[i], addr, length, (VIRTQ_DESC_F_WRITE if writable else 0)
+                       | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else ids[i + 1])
+    h.q.publish(ids[0])
+    h.dev._process()
+    (head, length, _), = h.q.take_used()
+    h.q.free += ids[1:]  # take_used returned the head only (no bufs recorded for a raw chain)
+    addr, n, _ = descs[-1]
+    return length, h.mem.read_u8(addr + n - 1)
+
+
+@pytest.mark.parametrize("rtype", [RequestType.WRITE_ZEROES, RequestType.DISCARD])
+def test_oversized_segment_payload_is_refused_before_it_is_read(h, disk, rtype):
+    """A DISCARD/WRITE_ZEROES payload longer than max_*_seg segments (5.2.6.2) is IOERR, and the
+    device never copies it into host memory: 16 descriptors naming the same 4 MiB of guest RAM
+    must not make the VMM allocate 64 MiB (a 1024-entry chain over all of RAM would exhaust the host)."""
+    import tracemalloc
+
+    if rtype == RequestType.DISCARD and not h.dev.image.can_discard:
+        pytest.skip("the file system under the test image cannot punch holes: DISCARD is not offered")
+    before = disk.read_bytes()
+    hdr_addr, status_addr = 0x700000, 0x700100
+    h.mem.write(hdr_addr, HEADER.pack(rtype, 0, 0))
+    h.mem.write(0x100000, SEGMENT.pack(0, 8, 0) * 2)  # plausible segments at the start of each copy
+    descs = [(hdr_addr, HEADER.size, False)] + [(0x100000, 4 << 20, False)] * 16 + [(status_addr, 1, True)]
+    tracemalloc.start()
+    try:
+        length, status = _raw_chain(h, descs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (length, status) == (1, Status.IOERR)
+    assert peak < 1 << 20, f"the device copied {peak} bytes of an invalid payload into host memory"
+    assert disk.read_bytes() == before and not h.dev.broken

@@ -233,11 +233,14 @@ class BlockDevice(VirtioDevice):
         feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
         if self.read_only or not self.has_feature(feature):
             return Status.UNSUPP
-        raw = b"".join(mem.read(a, length) for a, length in req.data)
         max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
         max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
-        if not raw or len(raw) % SEGMENT.size or len(raw) // SEGMENT.size > max_seg:
+        # The payload is whole segments, at most max_*_seg of them (5.2.6.2).  Checked before it is
+        # read: the guest's descriptors may name all of its RAM many times over.
+        n = req.data_len
+        if not n or n % SEGMENT.size or n // SEGMENT.size > max_seg:
             return Status.IOERR
+        raw = b"".join(mem.read(a, length) for a, length in req.data)
         segments = [SEGMENT.unpack_from(raw, off) for off in range(0, len(raw), SEGMENT.size)]
         for sector, count, flags in segments:
             if flags & ~SEGMENT_FLAG_UNMAP or (discard and flags & SEGMENT_FLAG_UNMAP):
