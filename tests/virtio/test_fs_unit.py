@@ -123,3 +123,68 @@ def test_fuzz_garbage_headers(h, raw):
     h.dev._process(1)
     h.req.take_used()
     assert not h.dev.broken
+
+
+def _call_unblocking_fifo(h, fifo, *call_args):
+    """h.call(*call_args) in a thread; if it is stuck in open(2) on ``fifo``, open the write end to free it.
+
+    Returns (error, stuck): the device must answer at once, never wait for a FIFO's other end."""
+    import threading
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", h.call(*call_args)), daemon=True)
+    t.start()
+    t.join(2)
+    stuck = t.is_alive()
+    if stuck:
+        fd = os.open(fifo, os.O_WRONLY)  # lets the device's open(O_RDONLY) return
+        t.join(5)
+        os.close(fd)
+    return out["r"][0], stuck
+
+
+def test_open_of_a_fifo_fails_at_once(h, tmp_path):
+    """OPEN of a FIFO would block the device event loop in open(2) until a writer came (a guest
+    hang of every device on the loop). A Linux guest opens FIFOs, sockets and device nodes itself
+    and never sends FUSE_OPEN for them; the server opens regular files and directories only."""
+    fifo = tmp_path / "share" / "p"
+    os.mkfifo(fifo)
+    nodeid = struct.unpack_from("<Q", lookup(h, 1, b"p")[1])[0]
+    err, stuck = _call_unblocking_fifo(h, fifo, F.OPEN, nodeid, F.OPEN_IN.pack(os.O_RDONLY, 0))
+    assert not stuck, "OPEN of a FIFO blocked the device loop"
+    assert err == -errno.EPERM
+
+
+def test_create_over_an_existing_fifo_fails_at_once(h, tmp_path):
+    fifo = tmp_path / "share" / "p"
+    os.mkfifo(fifo)
+    err, stuck = _call_unblocking_fifo(h, fifo, F.CREATE, 1, F.CREATE_IN.pack(os.O_RDONLY, 0o644, 0, 0) + b"p\0")
+    assert not stuck, "CREATE over an existing FIFO blocked the device loop"
+    assert err == -errno.EPERM
+    # O_EXCL still fails with EEXIST; an existing regular file is still opened (and truncated)
+    assert h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR | os.O_EXCL, 0o644, 0, 0) + b"p\0")[0] == -errno.EEXIST
+    (tmp_path / "share" / "f").write_bytes(b"old")
+    err, body = h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR | os.O_TRUNC, 0o644, 0, 0) + b"f\0")
+    assert err == 0 and (tmp_path / "share" / "f").read_bytes() == b""
+    fh = struct.unpack_from("<Q", body, F.ENTRY_OUT_HEAD.size + F.ATTR.size)[0]
+    assert h.call(F.WRITE, 2, F.WRITE_IN.pack(fh, 0, 3, 0, 0, 0, 0) + b"new")[0] == 0
+    assert (tmp_path / "share" / "f").read_bytes() == b"new"
+    # a symlink in the way is not followed
+    os.symlink("../outside", tmp_path / "share" / "l")
+    assert h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR, 0o644, 0, 0) + b"l\0")[0] == -errno.ELOOP
+    assert (tmp_path / "outside").read_text() == "secret"
+
+
+def test_device_node_made_by_the_guest_is_never_opened_on_the_host(h, tmp_path):
+    """MKNOD of a character device (here /dev/zero's 1:5) puts a node in the share; the guest's own
+    kernel gives it meaning. The host must never open it: that would hand the guest a host device."""
+    import stat as st_
+
+    err, body = h.call(F.MKNOD, 1, F.MKNOD_IN.pack(st_.S_IFCHR | 0o666, os.makedev(1, 5), 0, 0) + b"zero\0")
+    if err == -errno.EPERM:
+        pytest.skip("this test process may not mknod a character device (no CAP_MKNOD)")
+    assert err == 0
+    nodeid = struct.unpack_from("<Q", body)[0]
+    assert h.call(F.OPEN, nodeid, F.OPEN_IN.pack(os.O_RDONLY, 0))[0] == -errno.EPERM
+    err, _ = h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR, 0o644, 0, 0) + b"zero\0")
+    assert err == -errno.EPERM

@@ -342,20 +342,46 @@ class FuseServer:
         # never let the guest make us follow a symlink or create via the proc link
         return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECTORY)) | os.O_CLOEXEC
 
+    @staticmethod
+    def _check_openable(mode: int) -> None:
+        """Only regular files and directories are opened on the host.
+
+        A Linux guest opens FIFOs, sockets and device nodes on a FUSE mount itself and never sends
+        FUSE_OPEN for them; a hostile one that did would block the device loop in open(2) on a FIFO,
+        or get a host device behind a node it made with MKNOD.
+        """
+        if stat.S_ISLNK(mode):
+            raise OSError(errno.ELOOP, "open of a symlink")
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OSError(errno.EPERM, f"open of a special file (mode {mode:#o})")
+
     def open(self, req: Request) -> bytes:
         flags, _ = self._struct(req, F.OPEN_IN)
         node = self.inodes.get(req.nodeid)
-        if stat.S_ISLNK(node.mode):
-            raise OSError(errno.ELOOP, "open of a symlink")
+        self._check_openable(node.mode)
         fd = os.open(node.proc_path, self._open_flags(flags))
         return F.OPEN_OUT.pack(self._new_handle(fd), 0, 0)
+
+    def _open_existing(self, parent: Inode, name: str, flags: int) -> int:
+        """Open an existing ``name`` as OPEN would: through an O_PATH fd whose type was checked first."""
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            self._check_openable(os.fstat(path_fd).st_mode)
+            return os.open(f"/proc/self/fd/{path_fd}", self._open_flags(flags))
+        finally:
+            os.close(path_fd)
 
     def create(self, req: Request) -> bytes:
         flags, mode, umask, _ = self._struct(req, F.CREATE_IN)
         name, _ = _cstr(self._names(req))
         parent = self.inodes.get(req.nodeid)
-        fd = os.open(check_name(name), self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | (flags & os.O_EXCL),
-                     mode & ~umask & 0o7777, dir_fd=parent.fd)
+        try:  # O_EXCL first: O_CREAT alone would open an existing FIFO or device node (see _check_openable)
+            fd = os.open(check_name(name), self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         mode & ~umask & 0o7777, dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = self._open_existing(parent, check_name(name), flags)
         fh = self._new_handle(fd)
         try:
             entry = self._new_entry(req, parent, name)
