@@ -188,3 +188,27 @@ def test_device_node_made_by_the_guest_is_never_opened_on_the_host(h, tmp_path):
     assert h.call(F.OPEN, nodeid, F.OPEN_IN.pack(os.O_RDONLY, 0))[0] == -errno.EPERM
     err, _ = h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR, 0o644, 0, 0) + b"zero\0")
     assert err == -errno.EPERM
+
+
+def _hdr(h, length: int, opcode: int, nodeid: int) -> bytes:
+    return F.IN_HEADER.pack(length, opcode, h.unique + 1, nodeid, 0, 0, 1, 0, 0)
+
+
+def test_in_header_len_must_match_the_chain(h, tmp_path):
+    """fuse_in_header.len is the request's whole length (header + arguments); a request claiming more
+    than its chain carries, or less than a header, is EINVAL, and nothing past len is read as part of it."""
+    name = b"f\0"
+    (tmp_path / "share" / "f").write_bytes(b"")
+    assert h.call(F.LOOKUP, 1, name, raw=_hdr(h, 40 + len(name) + 1, F.LOOKUP, 1))[0] == -errno.EINVAL
+    assert h.call(F.LOOKUP, 1, name, raw=_hdr(h, 39, F.LOOKUP, 1))[0] == -errno.EINVAL
+    assert h.call(F.LOOKUP, 1, name, raw=_hdr(h, 2**32 - 1, F.LOOKUP, 1))[0] == -errno.EINVAL
+    # the name's NUL lies past len: the name is unterminated within the request
+    assert h.call(F.LOOKUP, 1, name, raw=_hdr(h, 40 + 1, F.LOOKUP, 1))[0] == -errno.EINVAL
+    assert h.call(F.LOOKUP, 1, name, raw=_hdr(h, 40 + len(name), F.LOOKUP, 1))[0] == 0
+    # WRITE data beyond len is not the request's: size 5 with len covering 3 data bytes
+    err, body = h.call(F.OPEN, 2, F.OPEN_IN.pack(os.O_RDWR, 0))
+    fh = struct.unpack_from("<Q", body)[0]
+    args = F.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"hello"
+    assert h.call(F.WRITE, 2, args, raw=_hdr(h, 40 + len(args) - 2, F.WRITE, 2))[0] == -errno.EINVAL
+    assert (tmp_path / "share" / "f").read_bytes() == b""
+    assert h.call(F.WRITE, 2, args)[0] == 0 and (tmp_path / "share" / "f").read_bytes() == b"hello"

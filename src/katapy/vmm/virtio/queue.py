@@ -71,8 +71,18 @@ class DescriptorChain:
     readable: list[tuple[int, int]] = field(default_factory=list)  # (guest addr, len)
     writable: list[tuple[int, int]] = field(default_factory=list)
 
-    def reader(self) -> "Reader":
-        return Reader(self.mem, self.readable)
+    def reader(self, limit: int | None = None) -> "Reader":
+        """The device-readable bytes as one stream; with ``limit``, only the first ``limit`` of them
+        (a request whose own header gives its length ends there, whatever the chain holds)."""
+        if limit is None:
+            return Reader(self.mem, self.readable)
+        ranges = []
+        for addr, n in self.readable:
+            if limit <= 0:
+                break
+            ranges.append((addr, min(n, limit)))
+            limit -= n
+        return Reader(self.mem, ranges)
 
     def writer(self) -> "Writer":
         return Writer(self.mem, self.writable)

@@ -117,6 +117,14 @@ class FsDevice(VirtioDevice):
             reply_room = False
         else:
             reply_room = True
+        # in.len is the whole request, header and arguments (5.11.6.1: the chain's readable part is
+        # one FUSE request); the arguments end there, never past what the chain carries.
+        if not F.IN_HEADER.size <= length <= chain.readable_len:
+            _log.warning("virtio-fs: fuse_in_header.len does not fit the chain", opcode=opcode, length=length,
+                         readable=chain.readable_len)
+            return self._reply(chain, unique, -errno.EINVAL) if reply_room else 0
+        r = chain.reader(length)
+        r.skip(F.IN_HEADER.size)
         req = Request(opcode, unique, nodeid, uid, gid, pid, r)
         body: bytes | int
         error = 0
@@ -142,6 +150,10 @@ class FsDevice(VirtioDevice):
             n = w.write(body)
             if n < len(body):
                 error, n = -errno.ERANGE, 0
-        hdr = F.OUT_HEADER.pack(F.OUT_HEADER.size + n, error, unique)
-        chain.writer().write(hdr)
-        return F.OUT_HEADER.size + n
+        return self._reply(chain, unique, error, n)
+
+    @staticmethod
+    def _reply(chain: DescriptorChain, unique: int, error: int, body_len: int = 0) -> int:
+        """Write fuse_out_header before a ``body_len``-byte reply already in place; the used length."""
+        chain.writer().write(F.OUT_HEADER.pack(F.OUT_HEADER.size + body_len, error, unique))
+        return F.OUT_HEADER.size + body_len
