@@ -173,3 +173,105 @@ def test_status_bits_out_of_order_are_refused(transport):
     assert rd(transport, mmio.STATUS) == 1
     wr(transport, mmio.STATUS, 1 | 0x20)  # unknown bit
     assert rd(transport, mmio.STATUS) == 1
+
+
+def _wait(cond, timeout=5.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_ring_corrupted_at_run_time_sets_device_needs_reset(tmp_path):
+    """A driver that corrupts a live ring (here avail.idx jumping past the queue size, 2.7.13.3)
+    breaks the device: the transport shows DEVICE_NEEDS_RESET with a configuration-change
+    interrupt (2.1.2, 4.2.2), the device loop goes on, and a reset brings the device back."""
+    from katapy.vmm.virtio.blk import BlockDevice
+    from katapy.vmm.virtio.blk.request import HEADER, RequestType, Status
+    from tests.virtio.driver import DriverQueue
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(64 * 512))
+    mem = GuestMemory.create([(0, 1 << 20)])
+    loop = EventLoop()
+    irqs: list[int] = []
+    t = mmio.MmioTransport(BlockDevice(disk), mem, loop, lambda: irqs.append(1))
+    loop.start()
+    try:
+        def start() -> DriverQueue:
+            drv = DriverQueue(mem, 0x1000, 0x10000, 0x10000, size=16)
+            negotiate(t)
+            setup_queue(t, size=16, desc=drv.desc, avail=drv.avail, used=drv.used)
+            wr(t, mmio.STATUS, 0xF)
+            assert rd(t, mmio.STATUS) == 0xF
+            return drv
+
+        drv = start()
+        generation = rd(t, mmio.CONFIG_GENERATION)
+        mem.write_u16(drv.avail + 2, 100)  # 100 new entries in a 16-entry ring
+        wr(t, mmio.QUEUE_NOTIFY, 0)
+        assert _wait(lambda: rd(t, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET), "no DEVICE_NEEDS_RESET"
+        assert rd(t, mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG_CHANGE and irqs
+        assert rd(t, mmio.CONFIG_GENERATION) != generation
+        # the driver resets and starts again: the device serves requests
+        wr(t, mmio.STATUS, 0)
+        drv = start()
+        head = drv.add_chain([(HEADER.pack(RequestType.GET_ID, 0, 0), False), (20, True), (1, True)])
+        wr(t, mmio.QUEUE_NOTIFY, 0)
+        assert _wait(lambda: mem.read_u16(drv.used + 2) == 1)
+        (used_head, length, data), = drv.take_used()
+        assert (used_head, length, data[20]) == (head, 21, Status.OK)
+        assert rd(t, mmio.STATUS) == 0xF
+    finally:
+        loop.stop()
+        t.close()
+        loop.close()
+        mem.close()
+
+
+@pytest.mark.parametrize("kind", ["fs", "vsock"])
+def test_other_devices_broken_at_run_time_set_device_needs_reset(tmp_path, kind):
+    """The same for virtio-fs (request queue 1) and virtio-vsock (tx queue 1): every queue set up,
+    one corrupted after DRIVER_OK."""
+    from tests.virtio.driver import DriverQueue
+
+    if kind == "fs":
+        from katapy.vmm.virtio.fs import FsDevice
+
+        (tmp_path / "share").mkdir()
+        dev = FsDevice("t", tmp_path / "share")
+    else:
+        from katapy.vmm.virtio.vsock import VsockDevice
+
+        dev = VsockDevice(3, tmp_path / "vsock.sock")
+    mem = GuestMemory.create([(0, 1 << 20)])
+    loop = EventLoop()
+    t = mmio.MmioTransport(dev, mem, loop, lambda: None)
+    loop.start()
+    try:
+        def start() -> list[DriverQueue]:
+            negotiate(t)
+            drvs = []
+            for i in range(len(dev.queue_max_sizes)):
+                drv = DriverQueue(mem, 0x1000 + 0x1000 * i, 0x10000, 0x10000, size=16)
+                setup_queue(t, q=i, size=16, desc=drv.desc, avail=drv.avail, used=drv.used)
+                drvs.append(drv)
+            wr(t, mmio.STATUS, 0xF)
+            assert rd(t, mmio.STATUS) == 0xF
+            return drvs
+
+        drvs = start()
+        mem.write_u16(drvs[1].avail + 2, 0x8000)
+        wr(t, mmio.QUEUE_NOTIFY, 1)
+        assert _wait(lambda: rd(t, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET), "no DEVICE_NEEDS_RESET"
+        assert rd(t, mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG_CHANGE
+        wr(t, mmio.STATUS, 0)
+        start()
+        assert not dev.broken
+    finally:
+        loop.stop()
+        t.close()
+        loop.close()
+        mem.close()

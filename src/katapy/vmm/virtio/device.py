@@ -73,6 +73,13 @@ class Interrupt(abc.ABC):
     def signal_config_change(self) -> None:
         """The device configuration space changed."""
 
+    def signal_needs_reset(self, reason: str) -> None:
+        """The driver broke the device (a corrupt ring): it stops until the driver resets it.
+
+        A transport with a status register sets DEVICE_NEEDS_RESET and tells the driver (2.1.2);
+        vhost-user has no such message, so there the device only stops (and has logged why).
+        """
+
 
 class EventFdInterrupt(Interrupt):
     """Interrupts as eventfd writes (vhost-user call fds); one fd per queue."""

@@ -107,6 +107,9 @@ class MmioInterrupt(Interrupt):
         self._t.config_generation += 1
         self._t.raise_interrupt(INT_CONFIG_CHANGE)
 
+    def signal_needs_reset(self, reason: str) -> None:
+        self._t.needs_reset(reason)
+
 
 class MmioTransport:
     """Bus device for one virtio-mmio window (0x1000 bytes)."""
@@ -342,9 +345,15 @@ class MmioTransport:
                 return
             except Exception as exc:  # the device refused: tell the driver, never crash the vCPU
                 problem = f"activation failed: {exc!r}"
-        _log.warning("virtio device needs reset", device_type=self.device.device_type, reason=problem)
+        self.needs_reset(problem)
+
+    def needs_reset(self, reason: str) -> None:
+        """The device cannot go on (2.1.2): set DEVICE_NEEDS_RESET and, once the driver has set
+        DRIVER_OK, send a configuration-change notification (4.2.2 InterruptStatus bit 1)."""
+        _log.warning("virtio device needs reset", device_type=self.device.device_type, reason=reason)
         self.status |= DEVICE_NEEDS_RESET
-        self.interrupt.signal_config_change()
+        if self.status & DRIVER_OK:
+            self.interrupt.signal_config_change()
 
     def reset(self) -> None:
         """Status = 0 (2.4): stop the device, forget all negotiated state."""

@@ -152,6 +152,7 @@ class BlockDevice(VirtioDevice):
             self.broken = True
             if self._loop is not None and self._kick_fd >= 0:
                 self._loop.remove(self._kick_fd)
+            self._interrupt.signal_needs_reset(str(e))
             return
         if q.needs_notification():
             self._interrupt.signal_used_queue(0)

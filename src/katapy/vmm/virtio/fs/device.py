@@ -98,6 +98,7 @@ class FsDevice(VirtioDevice):
             self.broken = True
             for fd in self._kick_fds:
                 self._loop.remove(fd)
+            self._interrupt.signal_needs_reset(str(e))
             return
         if q.needs_notification():
             self._interrupt.signal_used_queue(index)

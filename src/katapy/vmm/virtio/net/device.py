@@ -167,6 +167,8 @@ class NetDevice(VirtioDevice):
         if self._loop is not None:
             for fd in (*self._kicks, self.tap.fd):
                 self._loop.remove(fd)
+        if self._interrupt is not None:
+            self._interrupt.signal_needs_reset(str(error))
 
     # -- transmit (5.1.6.2) -----------------------------------------------------------------
     def _transmit(self) -> None:

@@ -101,6 +101,8 @@ class VsockDevice(VirtioDevice):
         if self._loop is not None:
             for fd in self._kick_fds:
                 self._loop.remove(fd)
+        if self._interrupt is not None:
+            self._interrupt.signal_needs_reset(why)
 
     def _process_tx(self) -> None:
         if not self._queues or self.broken:
