@@ -223,3 +223,106 @@ def test_fuzz_rings_never_escape(mem, descs, heads, avail_idx, indirect):
         w = chain.writer()
         w.write(bytes(min(w.available(), 1 << 16)))
         q.add_used(chain.head, w.bytes_written)
+
+
+def test_indirect_table_limits(mem):
+    """An indirect table is bounded (MAX_INDIRECT_ENTRIES, 2.7.5.3.1), inside RAM, and only a chain's
+    first and only descriptor (2.7.5.3.1: no NEXT with INDIRECT; the device sees one table per chain)."""
+    from katapy.vmm.virtio.queue import MAX_INDIRECT_ENTRIES
+
+    drv, q = make(mem)
+    table = 0x30000
+    drv.write_desc(drv.desc, 0, table, 16 * (MAX_INDIRECT_ENTRIES + 1), VIRTQ_DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    with pytest.raises(ChainError, match="invalid length"):
+        q.pop()
+    drv.write_desc(drv.desc, 1, RAM - 16, 32, VIRTQ_DESC_F_INDIRECT, 0)
+    drv.publish(1)
+    with pytest.raises(ChainError, match="outside guest RAM"):
+        q.pop()
+    drv.write_desc(table, 0, 0x31000, 8, 0, 0)
+    drv.write_desc(drv.desc, 2, 0x20000, 8, VIRTQ_DESC_F_NEXT, 3)
+    drv.write_desc(drv.desc, 3, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
+    drv.publish(2)
+    with pytest.raises(ChainError, match="after direct"):
+        q.pop()
+    # a full-size table whose entries all chain into a loop is cut at its own length
+    for i in range(MAX_INDIRECT_ENTRIES):
+        drv.write_desc(table, i, 0x31000, 1, VIRTQ_DESC_F_NEXT, (i + 1) % MAX_INDIRECT_ENTRIES)
+    drv.write_desc(drv.desc, 4, table, 16 * MAX_INDIRECT_ENTRIES, VIRTQ_DESC_F_INDIRECT, 0)
+    drv.publish(4)
+    with pytest.raises(ChainError, match="loop"):
+        q.pop()
+
+
+def test_longest_direct_chain_is_the_table(mem):
+    """A chain using every descriptor once is fine; one more step (a loop back to the head) is not."""
+    drv, q = make(mem, size=8)
+    for i in range(8):
+        drv.write_desc(drv.desc, i, 0x20000 + 16 * i, 16, VIRTQ_DESC_F_NEXT if i < 7 else 0, i + 1)
+    drv.publish(0)
+    assert len(q.pop().readable) == 8
+    drv.write_desc(drv.desc, 7, 0x20000, 16, VIRTQ_DESC_F_NEXT, 0)
+    drv.publish(0)
+    with pytest.raises(ChainError, match="loop"):
+        q.pop()
+
+
+def test_ring_indices_wrap_at_16_bits(mem):
+    """Indices are free-running u16 (2.7.6, 2.7.8): the queue works across the wrap, and an avail.idx
+    that moves backwards (as seen modulo 2^16, more than the queue size ahead) breaks it."""
+    drv = DriverQueue(mem, 0x1000, 0x10000, 0x40000, size=8)
+    st_ = drv.state()
+    st_.next_avail = st_.next_used = 0xFFFE
+    drv.avail_idx = drv.used_seen = 0xFFFE
+    q = Queue(mem, st_)
+    for n in range(4):
+        head = drv.add_chain([(4, True)])
+        chain = q.pop()
+        assert chain.head == head
+        q.add_used(chain.head, 4)
+        assert [u[:2] for u in drv.take_used()] == [(head, 4)]
+    assert q.next_avail == 2 and mem.read_u16(drv.used + 2) == 2
+    mem.write_u16(drv.avail + 2, 1)  # backwards by one
+    with pytest.raises(QueueBrokenError, match="ahead"):
+        q.pop()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.binary(min_size=16 * 8, max_size=16 * 8), indirect=st.binary(max_size=16 * 24),
+       ind_len=st.integers(0, 16 * 30), ring=st.lists(st.integers(0, 0xFFFF), min_size=8, max_size=8),
+       start=st.integers(0, 0xFFFF), ahead=st.integers(0, 12))
+def test_fuzz_raw_tables_raise_only_queue_errors(mem, table, indirect, ind_len, ring, start, ahead):
+    """Random bytes as the descriptor table and an indirect table, random ring entries and indices:
+    pop() returns a chain inside RAM or raises ChainError/QueueBrokenError, never anything else."""
+    drv = DriverQueue(mem, 0x1000, 0x10000, 0x40000, size=8)
+    st_ = drv.state()
+    st_.next_avail = st_.next_used = start
+    q = Queue(mem, st_)
+    mem.write(drv.desc, table)
+    ind_table = 0x30000
+    mem.write(ind_table, indirect.ljust(16 * 30, b"\0"))
+    # point the INDIRECT descriptors at the random table, with a random (often wrong) length
+    for i in range(8):
+        flags = mem.read_u16(drv.desc + 16 * i + 12)
+        if flags & VIRTQ_DESC_F_INDIRECT and i % 2:
+            mem.write(drv.desc + 16 * i, struct.pack("<QI", ind_table, ind_len))
+    for i, head in enumerate(ring):
+        mem.write_u16(drv.avail + 4 + 2 * i, head % 10 if head & 1 else head)
+    mem.write_u16(drv.avail + 2, (start + ahead) & 0xFFFF)
+    for _ in range(10):
+        try:
+            chain = q.pop()
+        except ChainError as e:
+            assert 0 <= e.head < 8
+            q.add_used(e.head, 0)
+            continue
+        except QueueBrokenError:
+            return
+        if chain is None:
+            assert ahead <= 8
+            return
+        for a, n in chain.readable + chain.writable:
+            assert 0 <= a and a + n <= RAM
+        assert len(chain.readable) + len(chain.writable) <= 8 + 30
+        q.add_used(chain.head, 0)
