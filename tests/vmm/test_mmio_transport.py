@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.memory import GuestMemory
@@ -275,3 +276,66 @@ def test_other_devices_broken_at_run_time_set_device_needs_reset(tmp_path, kind)
         t.close()
         loop.close()
         mem.close()
+
+
+def test_odd_register_accesses_are_harmless(transport):
+    """Registers are 32-bit aligned words (4.2.2.2): other widths and offsets read zeros and writes
+    are dropped; config-space accesses past the window or of odd widths too."""
+    negotiate(transport)
+    for off, width in ((mmio.STATUS, 1), (mmio.STATUS, 2), (mmio.STATUS, 8), (mmio.STATUS + 1, 4)):
+        transport.write(off, b"\xff" * width)
+        assert transport.read(off, width) == bytes(width)
+    assert rd(transport, mmio.STATUS) == 0xB
+    transport.write(mmio.CONFIG + 0xF00 - 2, b"\xff" * 8)  # runs off the window: dropped
+    transport.write(mmio.CONFIG, b"\xff" * 3)  # 3 bytes: not an access width
+    assert transport.read(mmio.CONFIG, 8) == b"KATAPYCF"
+    assert transport.read(mmio.CONFIG, 3) == bytes(3)
+    wr(transport, mmio.DEVICE_FEATURES_SEL, 0xFFFFFFFF)
+    assert rd(transport, mmio.DEVICE_FEATURES) == 0
+    wr(transport, mmio.QUEUE_SEL, 0xFFFFFFFF)
+    for reg in (mmio.QUEUE_NUM, mmio.QUEUE_DESC_HIGH, mmio.QUEUE_READY):
+        wr(transport, reg, 1)  # no such queue: ignored
+    assert rd(transport, mmio.QUEUE_NUM_MAX) == 0 and rd(transport, mmio.QUEUE_READY) == 0
+    wr(transport, mmio.QUEUE_NOTIFY, 0xFFFFFFFF)  # no such queue: nothing signalled
+
+
+def test_live_queue_layout_cannot_change(transport):
+    """Once QueueReady is 1, QueueNum and the ring addresses are fixed (4.2.3.2)."""
+    negotiate(transport)
+    setup_queue(transport)
+    for reg in (mmio.QUEUE_NUM, mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DEVICE_LOW):
+        wr(transport, reg, 0x8000)
+    q = transport.queues[0]
+    assert (q.size, q.desc_table, q.avail_ring, q.used_ring) == (16, 0x1000, 0x2000, 0x3000)
+
+
+
+_REGS = st.sampled_from([mmio.DEVICE_FEATURES_SEL, mmio.DRIVER_FEATURES, mmio.DRIVER_FEATURES_SEL, mmio.QUEUE_SEL,
+                         mmio.QUEUE_NUM, mmio.QUEUE_READY, mmio.QUEUE_NOTIFY, mmio.INTERRUPT_ACK, mmio.STATUS,
+                         mmio.QUEUE_DESC_LOW, mmio.QUEUE_DESC_HIGH, mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DRIVER_HIGH,
+                         mmio.QUEUE_DEVICE_LOW, mmio.QUEUE_DEVICE_HIGH, mmio.QUEUE_RESET, mmio.SHM_SEL])
+_VALUES = st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 2, 3, 0xB, 0xF, 0x80, 16, 0x1000, 0x2000]))
+_ACCESS = st.one_of(
+    st.tuples(st.just("w"), _REGS, st.just(4), _VALUES),
+    st.tuples(st.sampled_from("rw"), st.integers(0, mmio.MMIO_WINDOW - 1), st.sampled_from([1, 2, 4, 8]), _VALUES),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(accesses=st.lists(_ACCESS, max_size=40))
+def test_fuzz_register_accesses_never_raise(transport, accesses):
+    """Whatever a vCPU writes: no exception, status holds only defined bits, queue sizes stay valid,
+    and the device is only activated with every ready queue inside guest RAM."""
+    wr(transport, mmio.STATUS, 0)
+    transport.device.activations.clear()
+    for kind, off, width, value in accesses:
+        if kind == "r":
+            assert len(transport.read(off, width)) == width
+        else:
+            transport.write(off, (value & (1 << 8 * width) - 1).to_bytes(width, "little"))
+        assert not transport.status & ~(0xF | mmio.DEVICE_NEEDS_RESET | mmio.FAILED)
+        for q in transport.queues:
+            assert q.size == 0 or (q.size <= q.max_size and not q.size & (q.size - 1))
+    for q in transport.queues:
+        if transport.activated and q.ready:
+            assert transport.mem.check_range(q.desc_table, 16 * q.size)
