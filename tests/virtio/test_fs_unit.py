@@ -212,3 +212,30 @@ def test_in_header_len_must_match_the_chain(h, tmp_path):
     assert h.call(F.WRITE, 2, args, raw=_hdr(h, 40 + len(args) - 2, F.WRITE, 2))[0] == -errno.EINVAL
     assert (tmp_path / "share" / "f").read_bytes() == b""
     assert h.call(F.WRITE, 2, args)[0] == 0 and (tmp_path / "share" / "f").read_bytes() == b"hello"
+
+
+def test_directory_released_with_release_keeps_no_listing(h, tmp_path):
+    """A directory handle closed with RELEASE instead of RELEASEDIR drops its listing snapshot too:
+    otherwise opendir/readdir/release over a big directory grows host memory with every round."""
+    for i in range(50):
+        (tmp_path / "share" / f"f{i}").write_bytes(b"")
+    for _ in range(3):
+        err, body = h.call(F.OPENDIR, 1, F.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh = struct.unpack_from("<Q", body)[0]
+        assert h.call(F.READDIR, 1, F.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0))[0] == 0
+        assert h.call(F.RELEASE, 1, F.RELEASE_IN.pack(fh, 0, 0, 0))[0] == 0
+        assert h.call(F.READDIR, 1, F.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0))[0] == -errno.EBADF
+    assert h.dev.server._dirs == {}
+
+
+def test_offsets_beyond_the_host_off_t_are_einval(h, tmp_path):
+    """u64 offsets and sizes from the guest that no host file offset can hold are EINVAL, not a
+    handler crash (EIO with a traceback in the log)."""
+    (tmp_path / "share" / "f").write_bytes(b"data")
+    nodeid = struct.unpack_from("<Q", lookup(h, 1, b"f")[1])[0]
+    fh = struct.unpack_from("<Q", h.call(F.OPEN, nodeid, F.OPEN_IN.pack(os.O_RDWR, 0))[1])[0]
+    assert h.call(F.READ, nodeid, F.READ_IN.pack(fh, 2**64 - 1, 10, 0, 0, 0, 0))[0] == -errno.EINVAL
+    assert h.call(F.WRITE, nodeid, F.WRITE_IN.pack(fh, 2**63, 1, 0, 0, 0, 0) + b"x")[0] == -errno.EINVAL
+    setattr_in = F.SETATTR_IN.pack(F.FATTR_SIZE, 0, 0, 2**64 - 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    assert h.call(F.SETATTR, nodeid, setattr_in)[0] == -errno.EINVAL
+    assert (tmp_path / "share" / "f").read_bytes() == b"data"

@@ -140,6 +140,8 @@ class FsDevice(VirtioDevice):
                 _log.debug("fuse request failed", opcode=opcode, error=str(e))
         except GuestMemoryError:
             raise
+        except OverflowError:  # a u64 offset or size from the guest that the host's off_t cannot hold
+            error, body = -errno.EINVAL, b""
         except Exception as e:  # a bug in a handler fails the request, not the device
             _log.error("fuse handler crashed", opcode=opcode, error=repr(e), exc_info=True)
             error, body = -errno.EIO, b""

@@ -415,6 +415,7 @@ class FuseServer:
 
     def release(self, req: Request) -> bytes:
         fh, *_ = self._struct(req, F.RELEASE_IN)
+        self._dirs.pop(fh, None)  # a directory handle may come back by RELEASE too: drop its listing
         fd = self._handles.pop(fh, None)
         if fd is not None:
             os.close(fd)
@@ -502,12 +503,7 @@ class FuseServer:
         return bytes(buf)
 
     def releasedir(self, req: Request) -> bytes:
-        fh, *_ = self._struct(req, F.RELEASE_IN)
-        self._dirs.pop(fh, None)
-        fd = self._handles.pop(fh, None)
-        if fd is not None:
-            os.close(fd)
-        return b""
+        return self.release(req)
 
 
 def _dtype(e: os.DirEntry) -> int:
