@@ -265,3 +265,17 @@ def test_tap_fd_checks_and_no_fd_leak(netns: NetNs) -> None:
     h = NetHarness(netns)
     h.close()
     assert fds() == before
+
+
+def test_transmit_frame_length_bounds(net: NetHarness) -> None:
+    """A transmit chain holds one header and one Ethernet frame of 14..MAX_FRAME_LEN bytes (5.1.6.2);
+    anything longer is dropped unread, however the driver spreads it over descriptors."""
+    from katapy.vmm.virtio.net.header import MAX_FRAME_LEN
+
+    too_long = b"\0" * (MAX_FRAME_LEN + 1)
+    net.tx.add_chain([(bytes(HEADER_SIZE), False), (too_long[:40000], False), (too_long[40000:], False)])
+    net.tx.add_chain([(bytes(HEADER_SIZE), False), (b"\0" * 13, False)])  # shorter than an Ethernet header
+    os.eventfd_write(net.kicks[1], 1)
+    assert [length for _, length, _ in net.used(net.tx, 2)] == [0, 0]
+    assert net.dev.stats["bad_chains"] == 2 and net.dev.stats["tx_frames"] == 0
+    assert not net.dev.broken
