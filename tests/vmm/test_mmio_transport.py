@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.memory import GuestMemory
 from katapy.vmm.virtio import mmio
+from katapy.vmm.virtio.device import VIRTIO_F_EVENT_IDX
 from tests.vmm.recording_device import RecordingDevice
 
 
@@ -34,9 +35,12 @@ def wr(t, off, v):
     t.write(off, struct.pack("<I", v))
 
 
-def negotiate(t, features_hi=1):
+def negotiate(t, features_hi=1, features_lo=0):
     wr(t, mmio.STATUS, 1)
     wr(t, mmio.STATUS, 3)
+    if features_lo:
+        wr(t, mmio.DRIVER_FEATURES_SEL, 0)
+        wr(t, mmio.DRIVER_FEATURES, features_lo)
     wr(t, mmio.DRIVER_FEATURES_SEL, 1)
     wr(t, mmio.DRIVER_FEATURES, features_hi)
     wr(t, mmio.STATUS, 0xB)
@@ -339,3 +343,43 @@ def test_fuzz_register_accesses_never_raise(transport, accesses):
     for q in transport.queues:
         if transport.activated and q.ready:
             assert transport.mem.check_range(q.desc_table, 16 * q.size)
+
+
+class _EventIdxDevice(RecordingDevice):
+    """Offers VIRTIO_F_EVENT_IDX, so the rings carry used_event/avail_event (2.7.10)."""
+
+    def avail_features(self) -> int:
+        return super().avail_features() | 1 << VIRTIO_F_EVENT_IDX
+
+
+def test_queue_part_sizes_are_the_spec_table():
+    """2.7 "Virtqueue Part Sizes": 16*n, 6+2*n, 6+8*n.  The 6 already counts flags, idx and
+    used_event/avail_event, so EVENT_IDX adds nothing on top."""
+    for n in (1, 16, 256, 32768):
+        assert mmio.queue_part_sizes(n) == ((16 * n, 16), (6 + 2 * n, 2), (6 + 8 * n, 4))
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+@pytest.mark.parametrize("overhang,accepted", [(0, True), (2, False)])
+def test_driver_area_ending_at_the_end_of_ram(event_idx, overhang, accepted):
+    """A driver area (6 + 2*n bytes) that ends exactly at the end of RAM is a legal layout; the next
+    2-byte-aligned position (the smallest overhang its alignment allows) runs off RAM and is refused."""
+    ram = 1 << 20
+    mem = GuestMemory.create([(0, ram)])
+    loop = EventLoop()
+    t = mmio.MmioTransport(_EventIdxDevice(), mem, loop, lambda: None)
+    try:
+        negotiate(t, features_lo=1 << VIRTIO_F_EVENT_IDX if event_idx else 0)
+        assert rd(t, mmio.STATUS) == 0xB
+        setup_queue(t, size=16, avail=ram - (6 + 2 * 16) + overhang)
+        wr(t, mmio.STATUS, 0xF)
+        status = rd(t, mmio.STATUS)
+        if accepted:
+            assert status == 0xF and t.device.activations
+            assert t.queues[0].event_idx == event_idx
+        else:
+            assert status & mmio.DEVICE_NEEDS_RESET and not t.device.activations
+    finally:
+        t.close()
+        loop.close()
+        mem.close()

@@ -87,11 +87,15 @@ FAILED = 128
 INT_USED_BUFFER = 1
 INT_CONFIG_CHANGE = 2
 
-# Virtqueue part sizes and alignments for split queues (2.7, table "Virtqueue Part Alignment")
-def queue_part_sizes(size: int, event_idx: bool) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """((desc bytes, align), (avail bytes, align), (used bytes, align))."""
-    extra = 2 if event_idx else 0
-    return (16 * size, 16), (6 + 2 * size + extra, 2), (6 + 8 * size + extra, 4)
+def queue_part_sizes(size: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """((desc bytes, align), (avail bytes, align), (used bytes, align)) of a split virtqueue of
+    ``size`` entries (2.7, table "Virtqueue Part Sizes" and "Virtqueue Part Alignment").
+
+    The table's sizes are whole: the 6 bytes of the driver area are flags, idx and used_event,
+    those of the device area flags, idx and avail_event (2.7.6, 2.7.8), whether or not
+    VIRTIO_F_EVENT_IDX was negotiated; nothing is added for it.
+    """
+    return (16 * size, 16), (6 + 2 * size, 2), (6 + 8 * size, 4)
 
 
 class MmioInterrupt(Interrupt):
@@ -321,7 +325,7 @@ class MmioTransport:
                 continue
             parts = zip(("descriptor table", "driver area", "device area"),
                         (q.desc_table, q.avail_ring, q.used_ring),
-                        queue_part_sizes(q.size, event_idx))
+                        queue_part_sizes(q.size))
             for name, addr, (size, align) in parts:
                 if addr % align:
                     return f"queue {i} {name} at {addr:#x} is not {align}-byte aligned"
