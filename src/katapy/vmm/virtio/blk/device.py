@@ -5,7 +5,9 @@ SEG_MAX, BLK_SIZE, FLUSH (so the guest treats the cache as write-back and
 sends flushes), RO for a read-only disk, and for a writable one DISCARD
 (when the file system can punch holes) and WRITE_ZEROES.
 
-Requests run to completion on the device's event-loop thread (5.2.6):
+Requests run to completion on the device's event-loop thread (5.2.6), at
+most BATCH per turn of the loop (the rest is re-scheduled through it, so a
+driver keeping the queue full cannot starve the other fds on that loop):
 IN/OUT move data between the image and guest RAM with preadv/pwritev over
 views of guest memory; FLUSH is fdatasync; GET_ID returns the serial;
 DISCARD/WRITE_ZEROES go to fallocate.  Every guest-supplied sector, length
@@ -51,6 +53,8 @@ MAX_DISCARD_SEG = 32
 DISCARD_ALIGNMENT_SECTORS = 8  # 4 KiB, the host page size
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
 MAX_WRITE_ZEROES_SEG = 32
+#: requests served per turn of the device loop before the rest is re-scheduled (as virtio-net's BATCH)
+BATCH = 64
 
 #: struct virtio_blk_config (5.2.4) up to write_zeroes_may_unmap and its padding: 60 bytes.
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
@@ -79,6 +83,7 @@ class BlockDevice(VirtioDevice):
         self._kick_fd = -1
         self._interrupt: Interrupt | None = None
         self._loop: EventLoop | None = None
+        self._more_scheduled = False  # a continuation of a full batch is waiting on the loop
         self.stats = {"read_bytes": 0, "write_bytes": 0, "requests": 0, "errors": 0}
 
     # -- features and config ------------------------------------------------------
@@ -118,6 +123,7 @@ class BlockDevice(VirtioDevice):
         self._queue = Queue(mem, queues[0])
         self._kick_fd, self._interrupt, self._loop = kick_fds[0], interrupt, loop
         self.broken = False
+        self._more_scheduled = False
         loop.add(self._kick_fd, self._on_kick)
         _log.info("virtio-blk activated", path=str(self.image.path), read_only=self.read_only,
                   sectors=self.image.sectors, features=hex(self.acked_features))
@@ -127,6 +133,7 @@ class BlockDevice(VirtioDevice):
         if self._loop is not None and self._kick_fd >= 0:
             self._loop.remove(self._kick_fd)
         self._queue, self._kick_fd, self._interrupt, self._loop = None, -1, None, None
+        self._more_scheduled = False
 
     def close(self) -> None:
         self.reset()
@@ -138,15 +145,37 @@ class BlockDevice(VirtioDevice):
             os.eventfd_read(fd)
         except BlockingIOError:
             pass
-        if not self.broken and self._queue is not None:
+        # With a continuation pending, it serves what this kick announced (it reads avail.idx afresh).
+        if not self.broken and self._queue is not None and not self._more_scheduled:
+            self._process()
+
+    def _resume(self, queue: Queue) -> None:
+        """The continuation of a full batch; a no-op once the queue it was for is gone (reset)."""
+        if queue is self._queue:
+            self._more_scheduled = False
             self._process()
 
     def _process(self) -> None:
-        q = self._queue
-        assert q is not None and self._interrupt is not None
+        """Serve at most BATCH available requests (5.2.6), each added to the used ring as it
+        completes (2.7.8), then notify the driver if it asked (2.7.7, used buffer notification suppression).
+
+        A full batch re-schedules the rest with ``call_soon`` instead of looping: the loop first
+        serves the other fds that are ready (the same VM's vsock, net), so a driver that keeps the
+        queue full cannot hold the loop.  Chains are popped once, on this thread, so none is lost
+        or served twice; the continuation picks up whatever the driver added meanwhile.
+        """
+        q, loop = self._queue, self._loop
+        if self.broken or q is None or self._interrupt is None or loop is None:
+            return
         try:
-            while (chain := q.pop_valid(_log)) is not None:
+            for _ in range(BATCH):
+                chain = q.pop_valid(_log)
+                if chain is None:
+                    break
                 q.add_used(chain.head, self._serve(chain))
+            else:
+                self._more_scheduled = True
+                loop.call_soon(lambda: self._resume(q))
         except (DeviceError, GuestMemoryError) as e:
             _log.error("virtio-blk queue broken by the driver", error=str(e))
             self.broken = True
