@@ -7,13 +7,14 @@ import struct
 import time
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.memory import GuestMemory
 from katapy.vmm.virtio.blk import BlockDevice, DiskImageError
 from katapy.vmm.virtio.blk.device import (
-    BATCH, CONFIG, QUEUE_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+    BATCH, CONFIG, QUEUE_SIZE, SEG_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 )
 from katapy.vmm.virtio.blk.request import HEADER, SEGMENT, RequestType, Status
 from katapy.vmm.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, EventFdInterrupt
@@ -314,3 +315,55 @@ def test_full_queue_is_served_in_batches_that_let_other_fds_run(disk):
     assert between == [BATCH * k for k in range(1, n // BATCH + 1)], \
         f"the other fd saw progress {sorted(set(progress))}: not served between batches of {BATCH}"
     assert interrupts == -(-n // BATCH)  # one per batch: the driver sees each batch's completions
+
+
+def _many_segments(h, rtype, count: int) -> tuple[int, int]:
+    """One request whose data is ``count`` 512-byte descriptors (in an indirect table, as Linux
+    sends long requests); the device runs it.  (used length, status byte)."""
+    data = [(os.urandom(512), False) for _ in range(count)] if rtype == RequestType.OUT else [(512, True)] * count
+    head = h.q.add_chain([(HEADER.pack(rtype, 0, 0), False), *data, (1, True)], indirect=True)
+    status_addr = h.q.bufs[head][-1].addr
+    h.dev._process()
+    (used_head, length, _), = h.q.take_used()
+    assert used_head == head
+    return length, h.mem.read_u8(status_addr)
+
+
+def _seg_max_warnings(logs) -> int:
+    return sum(1 for e in logs if e["log_level"] == "warning" and "seg_max" in e["event"])
+
+
+def test_requests_over_seg_max_fail_and_are_logged_once(h, disk):
+    """seg_max (5.2.4) bounds the data segments of a request; a driver that goes over it gets
+    IOERR for that request (the chain is consumed, nothing touches the disk, the queue goes on),
+    and the device warns once, not once per request the guest sends."""
+    assert h.dev.has_feature(VIRTIO_BLK_F_SEG_MAX)
+    assert CONFIG.unpack(h.dev.config_space()[: CONFIG.size])[2] == SEG_MAX
+    before = disk.read_bytes()
+    with structlog.testing.capture_logs() as logs:
+        for rtype in (RequestType.OUT, RequestType.IN, RequestType.OUT):
+            assert _many_segments(h, rtype, SEG_MAX + 1) == (1, Status.IOERR)
+    assert disk.read_bytes() == before
+    assert _seg_max_warnings(logs) == 1
+    payload = os.urandom(SEG_MAX * 512)
+    assert h.write(0, payload, split=512, indirect=True) == Status.OK  # exactly seg_max is fine
+    assert disk.read_bytes()[: SEG_MAX * 512] == payload
+    assert _many_segments(h, RequestType.IN, SEG_MAX) == (SEG_MAX * 512 + 1, Status.OK)
+    assert not h.dev.broken
+
+
+def test_without_seg_max_the_queue_size_bounds_segments(disk):
+    """A driver that did not accept VIRTIO_BLK_F_SEG_MAX is bound by the queue instead: no chain
+    longer than the queue size (2.7.5.3.1), so no more data segments than that either."""
+    probe = BlockDevice(disk)
+    offered = probe.avail_features()
+    probe.close()
+    hs = BlkHarness(disk, features=offered & ~(1 << VIRTIO_BLK_F_SEG_MAX))
+    try:
+        assert not hs.dev.has_feature(VIRTIO_BLK_F_SEG_MAX)
+        size = hs.q.size
+        assert _many_segments(hs, RequestType.IN, size + 1) == (1, Status.IOERR)
+        assert _many_segments(hs, RequestType.IN, size) == (size * 512 + 1, Status.OK)
+        assert not hs.dev.broken
+    finally:
+        hs.close()

@@ -11,7 +11,9 @@ driver keeping the queue full cannot starve the other fds on that loop):
 IN/OUT move data between the image and guest RAM with preadv/pwritev over
 views of guest memory; FLUSH is fdatasync; GET_ID returns the serial;
 DISCARD/WRITE_ZEROES go to fallocate.  Every guest-supplied sector, length
-and segment is checked against the capacity and the advertised limits;
+and segment is checked against the capacity and the advertised limits
+(seg_max data segments per request, or the queue size when the driver did
+not accept VIRTIO_BLK_F_SEG_MAX);
 a bad request is answered IOERR (UNSUPP for an unknown type or flag), never
 raised.  A chain without a status byte is completed with length 0.
 """
@@ -84,6 +86,8 @@ class BlockDevice(VirtioDevice):
         self._interrupt: Interrupt | None = None
         self._loop: EventLoop | None = None
         self._more_scheduled = False  # a continuation of a full batch is waiting on the loop
+        self._seg_limit = SEG_MAX  # data segments allowed in one request (see activate)
+        self._seg_limit_logged = False
         self.stats = {"read_bytes": 0, "write_bytes": 0, "requests": 0, "errors": 0}
 
     # -- features and config ------------------------------------------------------
@@ -124,6 +128,9 @@ class BlockDevice(VirtioDevice):
         self._kick_fd, self._interrupt, self._loop = kick_fds[0], interrupt, loop
         self.broken = False
         self._more_scheduled = False
+        # seg_max (5.2.4) binds a driver that accepted VIRTIO_BLK_F_SEG_MAX; one that did not is
+        # still bound by the queue: no chain longer than the queue size (2.7.5.3.1).
+        self._seg_limit = SEG_MAX if self.has_feature(VIRTIO_BLK_F_SEG_MAX) else queues[0].size
         loop.add(self._kick_fd, self._on_kick)
         _log.info("virtio-blk activated", path=str(self.image.path), read_only=self.read_only,
                   sectors=self.image.sectors, features=hex(self.acked_features))
@@ -197,6 +204,8 @@ class BlockDevice(VirtioDevice):
         status, written = Status.IOERR, 0
         if req.error is not None:
             _log.warning("virtio-blk bad request", error=req.error)
+        elif len(req.data) > self._seg_limit:
+            self._too_many_segments(len(req.data))
         else:
             try:
                 status, written = self._execute(chain.mem, req)
@@ -207,6 +216,14 @@ class BlockDevice(VirtioDevice):
             self.stats["errors"] += 1
         chain.mem.write_u8(req.status_addr, int(status))
         return written + 1
+
+    def _too_many_segments(self, segments: int) -> None:
+        """A request with more data segments than seg_max (5.2.4), which the driver must not send:
+        it fails with IOERR.  Warned about once per device: a guest could send one per chain."""
+        if not self._seg_limit_logged:
+            self._seg_limit_logged = True
+            _log.warning("virtio-blk request has more data segments than seg_max; failed with IOERR "
+                         "(further ones are not logged)", segments=segments, limit=self._seg_limit)
 
     def _execute(self, mem: GuestMemory, req: Request) -> tuple[Status, int]:
         t = req.type
