@@ -179,7 +179,7 @@ def run_in_kvm_vm(
         initrd = busybox_initramfs(Path(tmp) / "l1-init.cpio.gz", _init_script(str(workdir)))
         argv = [
             QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-            "-accel", "tcg", "-cpu", os.environ.get("KATAPY_HARNESS_CPU", HARNESS_CPU), "-m", str(memory_mib), "-smp", str(cpus),
+            "-accel", os.environ.get("KATAPY_HARNESS_ACCEL", "tcg"), "-cpu", os.environ.get("KATAPY_HARNESS_CPU", HARNESS_CPU), "-m", str(memory_mib), "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", kernel_cmdline(),
