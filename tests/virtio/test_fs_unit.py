@@ -239,3 +239,30 @@ def test_offsets_beyond_the_host_off_t_are_einval(h, tmp_path):
     setattr_in = F.SETATTR_IN.pack(F.FATTR_SIZE, 0, 0, 2**64 - 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     assert h.call(F.SETATTR, nodeid, setattr_in)[0] == -errno.EINVAL
     assert (tmp_path / "share" / "f").read_bytes() == b"data"
+
+
+def test_guest_cannot_set_file_capabilities_or_trusted_xattrs_on_the_host(h, tmp_path):
+    """A file in a shared directory must not gain, on the host, privileges the guest gave it: the guest may
+    not write security.capability nor anything in trusted.* (CAP_SYS_ADMIN's, where overlayfs keeps its layer
+    metadata), and may not read or list trusted.* either; user.* round-trips."""
+    err, body = h.call(F.CREATE, 1, F.CREATE_IN.pack(os.O_RDWR, 0o755, 0o022, 0) + b"tool\0")
+    assert err == 0
+    node = struct.unpack_from("<Q", body)[0]
+    host = tmp_path / "share" / "tool"
+    caps = bytes.fromhex("01000002" "00200000" "00000000" "00000000" "00000000")  # v2, cap_net_raw permitted
+    os.setxattr(host, "trusted.katapy-test", b"host")  # the host's own trusted xattr
+
+    def setx(name: bytes, value: bytes) -> int:
+        return h.call(F.SETXATTR, node, F.SETXATTR_IN.pack(len(value), 0) + name + b"\0" + value)[0]
+
+    assert setx(b"security.capability", caps) == -errno.EPERM
+    assert setx(b"trusted.overlay.opaque", b"y") == -errno.EPERM
+    assert h.call(F.REMOVEXATTR, node, b"trusted.katapy-test\0")[0] == -errno.EPERM
+    assert h.call(F.GETXATTR, node, F.GETXATTR_IN.pack(64, 0) + b"trusted.katapy-test\0")[0] == -errno.ENODATA
+    assert "security.capability" not in os.listxattr(host)
+    assert os.getxattr(host, "trusted.katapy-test") == b"host"
+    err, names = h.call(F.LISTXATTR, node, F.GETXATTR_IN.pack(4096, 0))
+    assert err == 0 and b"trusted." not in names
+    assert setx(b"user.note", b"kept") == 0
+    err, value = h.call(F.GETXATTR, node, F.GETXATTR_IN.pack(64, 0) + b"user.note\0")
+    assert (err, value) == (0, b"kept")

@@ -49,6 +49,11 @@ def _attr(st: os.stat_result) -> bytes:
                        st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_blksize, 0)
 
 
+#: xattr names only the host may write (see ``FuseServer._check_guest_may_write_xattr``)
+_FILE_CAPS = b"security.capability"
+_TRUSTED = b"trusted."
+
+
 def _cstr(raw: bytes) -> tuple[bytes, bytes]:
     """Split off one NUL-terminated string."""
     i = raw.find(b"\0")
@@ -305,23 +310,40 @@ class FuseServer:
             raise OSError(errno.EPERM, "xattrs only on regular files and directories")
         return node.proc_path
 
+    @staticmethod
+    def _check_guest_may_write_xattr(name: bytes) -> None:
+        """File capabilities and the trusted namespace are the host's to set (xattr(7)).
+
+        A file the guest leaves in a shared directory must not carry, on the host, privileges the
+        guest gave it: ``security.capability`` would grant capabilities to whoever runs it there, and
+        ``trusted.*`` (CAP_SYS_ADMIN's) is where overlayfs keeps its layer metadata.  Kata's
+        virtiofsd refuses more by default (all xattrs); ``user.*``, ACLs and other ``security.*``
+        names (SELinux labels) still pass through.
+        """
+        if name == _FILE_CAPS or name.startswith(_TRUSTED):
+            raise OSError(errno.EPERM, f"xattr {name!r} is not the guest's to set")
+
     def setxattr(self, req: Request) -> bytes:
         size, flags = self._struct(req, F.SETXATTR_IN)
         name, rest = _cstr(self._names(req, 255 + 1 + 65536))
         if size > len(rest):
             raise OSError(errno.EINVAL, "xattr value shorter than its size")
+        self._check_guest_may_write_xattr(name)
         os.setxattr(self._xattr_path(req), name, rest[:size], flags)
         return b""
 
     def getxattr(self, req: Request, out: Writer) -> bytes:
         size, _ = self._struct(req, F.GETXATTR_IN)
         name, _ = _cstr(self._names(req, 256))
+        if name.startswith(_TRUSTED):  # the host's metadata: as if absent, as for an unprivileged reader
+            raise OSError(errno.ENODATA, "no such xattr")
         value = os.getxattr(self._xattr_path(req), name)
         return self._sized(value, size)
 
     def listxattr(self, req: Request, out: Writer) -> bytes:
         size, _ = self._struct(req, F.GETXATTR_IN)
-        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(self._xattr_path(req)))
+        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(self._xattr_path(req))
+                         if not os.fsencode(n).startswith(_TRUSTED))
         return self._sized(names, size)
 
     @staticmethod
@@ -334,6 +356,7 @@ class FuseServer:
 
     def removexattr(self, req: Request) -> bytes:
         name, _ = _cstr(self._names(req, 256))
+        self._check_guest_may_write_xattr(name)
         os.removexattr(self._xattr_path(req), name)
         return b""
 
