@@ -342,8 +342,8 @@ class FuseServer:
 
     def listxattr(self, req: Request, out: Writer) -> bytes:
         size, _ = self._struct(req, F.GETXATTR_IN)
-        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(self._xattr_path(req))
-                         if not os.fsencode(n).startswith(_TRUSTED))
+        names = b"".join(n + b"\0" for n in map(os.fsencode, os.listxattr(self._xattr_path(req)))
+                         if not n.startswith(_TRUSTED))
         return self._sized(names, size)
 
     @staticmethod
@@ -398,13 +398,14 @@ class FuseServer:
         flags, mode, umask, _ = self._struct(req, F.CREATE_IN)
         name, _ = _cstr(self._names(req))
         parent = self.inodes.get(req.nodeid)
+        checked = check_name(name)
         try:  # O_EXCL first: O_CREAT alone would open an existing FIFO or device node (see _check_openable)
-            fd = os.open(check_name(name), self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            fd = os.open(checked, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                          mode & ~umask & 0o7777, dir_fd=parent.fd)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = self._open_existing(parent, check_name(name), flags)
+            fd = self._open_existing(parent, checked, flags)
         fh = self._new_handle(fd)
         try:
             entry = self._new_entry(req, parent, name)
