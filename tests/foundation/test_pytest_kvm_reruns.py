@@ -89,3 +89,25 @@ def test_the_summary_prints_the_end_of_a_flaky_tests_first_failure(harness):
     assert "console line 99" in text and f"console line {100 - pytest_kvm.FLAKY_TAIL_LINES}" in text
     assert f"console line {99 - pytest_kvm.FLAKY_TAIL_LINES}" not in text
     assert "harness boot 1: L1 emulator fault: L2 vCPU 1 exited (npf) at guest RIP 0xffffffff815011bc" in text
+
+
+def test_a_lost_boot_is_replaced_by_a_fresh_one(harness):
+    """An L1 VM that dies mid-run gives no results for any test: the whole set runs again in a fresh L1
+    (once), the lost boot is named in the summary, and the replacement counts as the first run."""
+    script, calls = harness
+    nodes = [f"t{i}" for i in range(pytest_kvm.RERUN_LIMIT + 3)]
+    script.update({n: [pytest_kvm.LOST, "passed"] for n in nodes})
+    script["t0"] = [pytest_kvm.LOST, "failed", "passed"]
+    out = run(nodes)
+    assert all(o.outcome == "passed" for o in out.values())
+    assert calls == [nodes, nodes, ["t0"]]
+    assert [n for n, _ in pytest_kvm._STATE["flaky"]] == ["t0"]  # only the re-run after the replacement
+    assert any(boot == 1 and "boot lost" in what for boot, what in pytest_kvm._STATE["l1_faults"])
+
+
+def test_boots_lost_again_and_again_fail_their_tests(harness):
+    script, calls = harness
+    script.update({"a": [pytest_kvm.LOST] * 5})
+    out = run(["a"])
+    assert out["a"].outcome == pytest_kvm.LOST
+    assert len(calls) == 1 + pytest_kvm.LOST_BOOT_RETRIES + pytest_kvm.RERUN_BOOTS

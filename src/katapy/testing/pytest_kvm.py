@@ -89,7 +89,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             new.own_markers.extend(i.iter_markers())  # Mark objects (add_marker wants decorators)
             # the first delegated item waits for the whole harness run: pytest-timeout's per-test
             # limit must not cut it short (a cut-short run is redone by the next item)
-            new.add_marker(pytest.mark.timeout((1 + RERUN_BOOTS) * _harness_timeout() + 240))  # a run and re-runs
+            new.add_marker(pytest.mark.timeout((1 + LOST_BOOT_RETRIES + RERUN_BOOTS) * _harness_timeout() + 240))  # a run and re-runs
             items[idx] = new
 
 
@@ -114,10 +114,14 @@ def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float,
     if not outcomes:
         tail = "\n".join(result.output.splitlines()[-60:])
         for n in nodeids:
-            outcomes[n] = InnerOutcome("error", f"the harness run gave no results (exit {result.returncode}):\n{tail}")
+            outcomes[n] = InnerOutcome(LOST, f"the harness run gave no results (exit {result.returncode}):\n{tail}")
     return outcomes, result.seconds, [c.describe() for c in result.l1_caught]
 
 
+#: the outcome of every test of a harness boot that gave no results (the L1 VM itself died or timed out)
+LOST = "lost"
+#: replacement boots for a lost one: the emulator can reset the L1 itself, whatever the tests do
+LOST_BOOT_RETRIES = 1
 #: more harness boots for the tests that failed in the first, when no more than this many did
 RERUN_LIMIT = 8
 #: how many more boots a failing test gets (each one is named FLAKY in the summary if it then passes)
@@ -132,11 +136,23 @@ def _run_delegated(session: pytest.Session) -> dict[str, InnerOutcome]:
     nodeids: list[str] = _STATE["nodeids"]  # type: ignore[assignment]
     outcomes, seconds, caught = _harness_pytest(nodeids)
     l1_faults = [(1, c) for c in caught]  # (harness boot, what the L1 watch saw)
+    boot = 1
+    for _ in range(LOST_BOOT_RETRIES):
+        if not all(o.outcome == LOST for o in outcomes.values()):
+            break
+        # The L1 VM died before pytest inside it reported anything (QEMU TCG has reset it mid-run):
+        # say so, and run the whole set again in a fresh L1 as if that boot had been the first.
+        boot += 1
+        lost = next(iter(outcomes.values())).message.splitlines()
+        l1_faults.append((boot - 1, f"boot lost, all its tests run again in boot {boot}: {' / '.join(lost[:1] + lost[-1:])}"))
+        outcomes, more, caught = _harness_pytest(nodeids)
+        l1_faults += [(boot, c) for c in caught]
+        seconds += more
     first_failure = {n: o.message for n, o in outcomes.items()}
     flaky: list[tuple[str, str]] = []  # (nodeid, its first failure)
-    for boot in range(2, RERUN_BOOTS + 2):
+    for boot in range(boot + 1, boot + RERUN_BOOTS + 1):
         failed = [n for n in nodeids
-                  if outcomes.get(n, InnerOutcome("missing", "")).outcome in ("failed", "error", "missing")]
+                  if outcomes.get(n, InnerOutcome("missing", "")).outcome in ("failed", "error", "missing", LOST)]
         if not failed or len(failed) > RERUN_LIMIT:
             break
         # QEMU TCG's nested SVM now and then resumes an L2 vCPU with the L1's own state, and that L2 guest
