@@ -120,11 +120,13 @@ class CriClient:
         return self.runtime("RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler)).pod_sandbox_id
 
     def create_container(self, pod_id: str, pod_config: Any, name: str, command: list[str],
-                         image: str = BUSYBOX_IMAGE, linux: Any = None) -> str:
-        """``linux``: an optional ``cri.LinuxContainerConfig`` (security context, resources)."""
+                         image: str = BUSYBOX_IMAGE, linux: Any = None, tty: bool = False, stdin: bool = False,
+                         mounts: list[Any] | None = None) -> str:
+        """``linux``: an optional ``cri.LinuxContainerConfig`` (security context, resources);
+        ``mounts``: ``cri.Mount`` host paths."""
         cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
                                   command=command, log_path=f"{name}.log", labels={"katapy-test": "1"},
-                                  linux=linux)
+                                  linux=linux, tty=tty, stdin=stdin, mounts=mounts or [])
         req = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=pod_config)
         return self.runtime("CreateContainer", req).container_id
 
@@ -134,6 +136,26 @@ class CriClient:
     def exec_sync(self, cid: str, cmd: list[str], timeout: int = 30) -> Any:
         return self.runtime("ExecSync", cri.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout),
                             timeout=timeout + 30)
+
+    def exec_url(self, cid: str, cmd: list[str], tty: bool = False, stdin: bool = False, stdout: bool = True,
+                 stderr: bool = True) -> str:
+        """CRI Exec: the streaming URL (``katapy.testing.cri_stream.RemoteCommand`` speaks it)."""
+        req = cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr and not tty)
+        return self.runtime("Exec", req).url
+
+    def attach_url(self, cid: str, tty: bool = False, stdin: bool = False) -> str:
+        req = cri.AttachRequest(container_id=cid, stdin=stdin, tty=tty, stdout=True, stderr=not tty)
+        return self.runtime("Attach", req).url
+
+    def port_forward_url(self, pod_id: str, port: int) -> str:
+        return self.runtime("PortForward", cri.PortForwardRequest(pod_sandbox_id=pod_id, port=[port])).url
+
+    def update_resources(self, cid: str, resources: Any) -> None:
+        self.runtime("UpdateContainerResources",
+                     cri.UpdateContainerResourcesRequest(container_id=cid, linux=resources))
+
+    def reopen_log(self, cid: str) -> None:
+        self.runtime("ReopenContainerLog", cri.ReopenContainerLogRequest(container_id=cid))
 
     def container_status(self, cid: str) -> Any:
         return self.runtime("ContainerStatus", cri.ContainerStatusRequest(container_id=cid)).status
