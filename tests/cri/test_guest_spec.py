@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 
 from katapy.resource.etc_files import dns_from_spec
-from katapy.resource.namespaces import amend_for_guest, has_namespace
+import pytest
+
+from katapy.resource.namespaces import NamespaceError, amend_for_guest, check_pod_sandbox, has_namespace
 
 
 def _spec(namespaces, hostname="pod-a", pod=True):
@@ -12,20 +14,39 @@ def _spec(namespaces, hostname="pod-a", pod=True):
     return {"hostname": hostname, "annotations": ann, "linux": {"namespaces": namespaces}}
 
 
-def test_pod_netns_path_and_pod_shared_namespaces_are_removed():
+def test_app_container_joins_the_sandbox_containers_ipc_uts_and_pid():
     s = _spec([{"type": "pid", "path": "/proc/999999999/ns/pid"}, {"type": "ipc", "path": "/proc/999999999/ns/ipc"},
                {"type": "uts", "path": "/proc/999999999/ns/uts"}, {"type": "mount"},
                {"type": "network", "path": "/var/run/netns/cni-1"}])
-    amend_for_guest(s, pod_member=True)
-    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
-    assert "hostname" not in s  # crun sets a hostname only in a private UTS namespace
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=True, sandbox_id="sbx1")
+    assert s["linux"]["namespaces"] == [{"type": "pid", "path": "container:sbx1"},
+                                        {"type": "ipc", "path": "container:sbx1"},
+                                        {"type": "uts", "path": "container:sbx1"}, {"type": "mount"}]
+    assert s["hostname"] == "pod-a"  # the pod's UTS namespace, joined
 
 
-def test_sandbox_container_without_paths_shares_ipc_uts_with_the_vm():
-    s = _spec([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network",
-                                                                                   "path": "/var/run/netns/x"}])
-    amend_for_guest(s, pod_member=True)
-    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
+def test_app_container_without_a_sandbox_id_is_refused():
+    s = _spec([{"type": "ipc", "path": "/proc/999999999/ns/ipc"}])
+    with pytest.raises(NamespaceError, match="without a sandbox id"):
+        amend_for_guest(s, pod_member=True)
+
+
+def test_sandbox_container_keeps_new_ipc_and_uts_namespaces_and_its_hostname():
+    s = _spec([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+               {"type": "network", "path": "/var/run/netns/x"}])
+    s["annotations"] = {"io.kubernetes.cri.container-type": "sandbox"}
+    amend_for_guest(s, pod_member=False)
+    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+    assert s["hostname"] == "pod-a"
+
+
+@pytest.mark.parametrize("missing,field", [("network", "hostNetwork"), ("ipc", "hostIPC")])
+def test_pod_sandbox_in_node_namespaces_is_refused(missing, field):
+    full = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/x"}]
+    check_pod_sandbox({"linux": {"namespaces": full}})
+    with pytest.raises(NamespaceError, match=f"{field} pods are not supported by katapy"):
+        check_pod_sandbox({"linux": {"namespaces": [n for n in full if n["type"] != missing]}})
 
 
 def test_ctr_run_keeps_its_private_namespaces_and_hostname():
@@ -38,10 +59,10 @@ def test_ctr_run_keeps_its_private_namespaces_and_hostname():
 def test_malformed_namespaces_are_left_to_the_spec_checks():
     for s in ({"linux": {"namespaces": "x"}}, {"linux": None}, {}):
         before = copy.deepcopy(s)
-        amend_for_guest(s, pod_member=True)
+        amend_for_guest(s, pod_member=True, sandbox_id="sbx")
         assert s == before
     s = {"linux": {"namespaces": [7, {"type": "pid"}]}}
-    amend_for_guest(s, pod_member=True)
+    amend_for_guest(s, pod_member=True, sandbox_id="sbx")
     assert s["linux"]["namespaces"] == [{"type": "pid"}]
 
 
@@ -86,8 +107,12 @@ def test_pod_pid_namespace_follows_the_sandbox_container():
     assert not has_namespace({"linux": None}, "pid")
 
     s = _spec(copy.deepcopy(app))
-    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=True)
-    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]  # own, never the agent's
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=True, sandbox_id="sbx")
+    # shareProcessNamespace: the sandbox container's (the pause process is its PID 1), never the agent's
+    assert s["linux"]["namespaces"] == [{"type": "pid", "path": "container:sbx"}, {"type": "mount"}]
+    s = _spec([{"type": "pid"}, {"type": "mount"}])
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=True, sandbox_id="sbx")
+    assert s["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]  # its own (CONTAINER)
     s = _spec(copy.deepcopy(app))
-    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=False)
+    amend_for_guest(s, pod_member=True, sandbox_has_pid_ns=False, sandbox_id="sbx")
     assert s["linux"]["namespaces"] == [{"type": "mount"}]  # hostPID: the VM's

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from katapy.agent import cgroups, log
+from katapy.agent import cgroups, log, namespaces
 from katapy.agent.crun import Crun, CrunError
 from katapy.agent.process import Process, read_pid_file
 from katapy.agent.reaper import Reaper
@@ -80,6 +80,11 @@ class Containers:
             raise NotFound(f"container {cid!r} not found")
         return found
 
+    def _init_pid_of(self, cid: str) -> int | None:
+        """The guest pid of a container's init while it lives (a namespace to join), else None."""
+        c = self.get(cid)
+        return c.init.pid if c.init.pid and c.init.exit_code() is None else None
+
     def all(self) -> list[Container]:
         with self._lock:
             return list(self._containers.values())
@@ -93,6 +98,8 @@ class Containers:
         root = config.get("root", {}).get("path", "")
         if not os.path.isdir(root):
             raise InvalidArgument(f"container {cid}: root.path {root!r} is not a directory in the guest")
+        namespaces.resolve_joins(config, self._init_pid_of)
+        namespaces.apply_vm_netns_sysctls(config)
         bundle = os.path.join(self.state_dir, cid)
         with self._lock:
             if cid in self._containers:

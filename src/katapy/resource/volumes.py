@@ -44,8 +44,14 @@ def _under(path: str, roots: tuple[str, ...]) -> bool:
     return any(path == r or path.startswith(r + "/") for r in roots)
 
 
+# Bind-mount options asking for mount propagation between host and container (mount(8) "shared
+# subtree"); containerd's CRI plugin sets rslave for HostToContainer and rshared for Bidirectional.
+_PROPAGATION_FROM_HOST = {"rshared": "Bidirectional", "shared": "Bidirectional",
+                          "rslave": "HostToContainer", "slave": "HostToContainer"}
+
+
 def validate(spec_mounts: Any) -> list[dict[str, Any]]:
-    """Check the shape of ``spec["mounts"]`` and that bind sources exist."""
+    """Check the shape of ``spec["mounts"]``, that bind sources exist and ask for no propagation from the host."""
     if spec_mounts is None:
         return []
     if not isinstance(spec_mounts, list):
@@ -57,6 +63,13 @@ def validate(spec_mounts: Any) -> list[dict[str, Any]]:
         if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
             raise VolumeError(f"config.json mounts[{i}] ({m['destination']}): options must be a list of strings")
         if _is_bind(m):
+            shared = [o for o in opts if o in _PROPAGATION_FROM_HOST]
+            if shared:
+                raise VolumeError(
+                    f"bind mount {m['destination']}: mount propagation {shared[0]!r} (CRI "
+                    f"{_PROPAGATION_FROM_HOST[shared[0]]}) is not supported by katapy: the volume reaches the "
+                    "pod VM through virtio-fs, which carries files, not mount events, so mounts made later on "
+                    "either side would never show on the other; use the default (private) propagation")
             src = m.get("source")
             if not isinstance(src, str) or not os.path.isabs(src):
                 raise VolumeError(f"bind mount {m['destination']}: source {src!r} is not an absolute path")

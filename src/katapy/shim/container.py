@@ -128,8 +128,11 @@ class ContainerManager:
             guest_spec["mounts"] = container.volumes.spec_mounts + etc_files.add_missing(shared, req.id, spec)
             if self.sandbox_has_pid_ns is None:
                 self.sandbox_has_pid_ns = namespaces.has_namespace(spec, "pid")
-            namespaces.amend_for_guest(guest_spec, bundle_mod.CONTAINER_TYPE in bundle_mod.annotations(spec),
-                                       self.sandbox_has_pid_ns)
+            try:
+                namespaces.amend_for_guest(guest_spec, bundle_mod.is_pod_member(spec), self.sandbox_has_pid_ns,
+                                           bundle_mod.sandbox_id(spec, req.id))
+            except namespaces.NamespaceError as exc:
+                raise InvalidArgument(f"container {req.id}: {exc}") from None
             init.io = ProcessIO(self.sandbox.agent, req.id, req.id, req.stdio)
             init.io.open()
             await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], [])

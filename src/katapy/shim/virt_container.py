@@ -73,14 +73,16 @@ class VirtContainer:
             raise FailedPrecondition(f"container {req.id} belongs to sandbox "
                                      f"{bundle_mod.sandbox_id(spec, req.id)}, which this shim does not run")
         # check what can be checked before paying for a VM
-        from katapy.resource import rootfs, volumes
+        from katapy.resource import namespaces, rootfs, volumes
 
         root = spec.get("root") or {}
         try:
             rootfs.check(req.bundle, root.get("path", ""),
                          [rootfs.RootfsMount(m.type, m.source, m.options) for m in req.rootfs])
             volumes.validate(spec.get("mounts"))
-        except (rootfs.RootfsError, volumes.VolumeError) as exc:
+            if bundle_mod.annotations(spec).get(bundle_mod.CONTAINER_TYPE) == "sandbox":
+                namespaces.check_pod_sandbox(spec)
+        except (rootfs.RootfsError, volumes.VolumeError, namespaces.NamespaceError) as exc:
             raise InvalidArgument(f"container {req.id}: {exc}") from None
         if bool(spec["process"].get("terminal", False)) != req.stdio.terminal:
             raise InvalidArgument(f"config.json process.terminal={spec['process'].get('terminal', False)} but the "
