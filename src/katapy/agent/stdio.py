@@ -22,6 +22,10 @@ class StreamClosed(Exception):
     """The stream was closed by the agent (CloseStdin, or the container was removed)."""
 
 
+MAX_SUN_PATH = 107
+SHORT_SOCKET_DIR = "/run/katapy/console"
+
+
 class ProcessIO:
     """Host side of one process's stdio; every method is safe to call from any thread."""
 
@@ -41,7 +45,12 @@ class ProcessIO:
     def prepare(self, work_dir: str, name: str) -> None:
         """Create the pipes, or the console socket crun will send the pty master to."""
         if self.terminal:
+            # sun_path holds 107 bytes: a bundle path with a 64-character container id and an exec
+            # name with a 64-character exec id does not fit, so the socket gets a short name of its own
             self.console_path = os.path.join(work_dir, f"console-{name}.sock")
+            if len(self.console_path.encode()) > MAX_SUN_PATH:
+                os.makedirs(SHORT_SOCKET_DIR, mode=0o700, exist_ok=True)
+                self.console_path = os.path.join(SHORT_SOCKET_DIR, f"{os.urandom(8).hex()}.sock")
             try:
                 os.unlink(self.console_path)
             except FileNotFoundError:
@@ -153,3 +162,8 @@ class ProcessIO:
             if self._console is not None:
                 self._console.close()
                 self._console = None
+                if self.console_path:
+                    try:
+                        os.unlink(self.console_path)
+                    except OSError:
+                        pass

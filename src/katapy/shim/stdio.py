@@ -48,13 +48,15 @@ def fifo_path(uri: str) -> str:
 
 
 def validate(stdio: Stdio) -> None:
-    """Refuse stdio katapy cannot serve, before anything is created."""
+    """Refuse stdio katapy cannot serve, before anything is created.
+
+    With a terminal a stderr FIFO is left unused, as runc's shim does: a tty has
+    one output stream, and containerd's CRI plugin names a stderr FIFO for a tty
+    exec all the same (cio.NewFIFOSetInDir always fills in all three)."""
     for name in ("stdin", "stdout", "stderr"):
         fifo_path(getattr(stdio, name))
     if stdio.terminal and not stdio.stdout:
         raise InvalidArgument("terminal requested but no console: stdout is empty, nothing to attach the tty to")
-    if stdio.terminal and stdio.stderr:
-        raise InvalidArgument("terminal requested with a separate stderr; a tty has one output stream")
 
 
 def _open_fifo(path: str) -> int:
