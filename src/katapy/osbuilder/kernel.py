@@ -1,8 +1,9 @@
 """Build katapy's guest kernel (and the nested-KVM harness kernel) from Debian's linux-source-6.1.
 
 The configuration is ``make tinyconfig`` plus katapy's own fragments in
-``configs/guest-kernel/`` (``katapy.conf`` for the guest; ``harness.conf``
-added for the harness's L1).  After ``olddefconfig`` every option a fragment
+``configs/guest-kernel/`` (``katapy.conf`` for both; ``containers.conf`` --
+what containers ask of the pod's kernel: bridges, veth, netfilter, tc -- for
+the guest only; ``harness.conf`` for the harness's L1).  After ``olddefconfig`` every option a fragment
 asks for must be in the resolved config, or the build fails and names them.
 
 Builds are cached under ``<cache>/kernel/<flavor>-<key>/``, keyed by a hash of
@@ -31,7 +32,7 @@ SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 SOURCE_PACKAGE = "linux-source-6.1"
 FRAGMENT_DIR = paths.REPO_ROOT / "configs" / "guest-kernel"
 FLAVORS: dict[str, tuple[str, ...]] = {
-    "guest": ("katapy.conf",),
+    "guest": ("katapy.conf", "containers.conf"),
     "harness": ("katapy.conf", "harness.conf"),
 }
 ARTIFACT_NAMES = {"guest": ("vmlinux", "bzImage"), "harness": ("harness-vmlinux", "harness-bzImage")}
