@@ -2,7 +2,8 @@
 
 As PID 1 (``/init`` execs it) it finishes system set-up that /init may have
 skipped, reaps every zombie, reads ``katapy.agent_port`` and ``katapy.log``
-from /proc/cmdline, listens on AF_VSOCK (VMADDR_CID_ANY, port), sends its log
+from /proc/cmdline, listens on AF_VSOCK (VMADDR_CID_ANY, port), serves port
+forwarding on vsock port 1026 (``katapy.agent.portforward``), sends its log
 to host port 1025 when the host listens, and prints
 ``katapy-agent: ready port=<port>`` on the console.
 
@@ -27,6 +28,7 @@ USAGE = """usage: python3 -m katapy.agent [--listen unix:PATH | --listen vsock:P
 """
 DEFAULT_PORT = 1024
 LOG_PORT = 1025
+PORT_FORWARD_PORT = 1026  # CRI PortForward streams from the shim (katapy.agent.portforward)
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -138,6 +140,13 @@ def main(argv: list[str]) -> int:
     AgentServer(sandbox, init_daemon=is_init).register(server)
     sock = listen(listen_spec)
     kind, _, where = listen_spec.partition(":")
+    if kind == "vsock":
+        from katapy.agent.portforward import Forwarder
+
+        try:
+            Forwarder(listen(f"vsock:{PORT_FORWARD_PORT}")).start()
+        except OSError as exc:  # e.g. katapy.agent_port=1026: the agent's API matters more
+            log.error("port forwarding not served", port=PORT_FORWARD_PORT, error=str(exc))
     ready = f"port={where}" if kind == "vsock" else f"listen={listen_spec}"
     print(f"katapy-agent: ready {ready}", flush=True)
     log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init, uptime_s=_uptime())

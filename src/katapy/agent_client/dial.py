@@ -20,6 +20,31 @@ class DialError(OSError):
     """The agent could not be reached (yet)."""
 
 
+class LineTooLong(ValueError):
+    """A peer's line went past the limit without a newline; ``start`` holds its first bytes."""
+
+    def __init__(self, start: bytes) -> None:
+        super().__init__(f"line longer than {len(start)} bytes: {start!r}")
+        self.start = start
+
+
+async def receive_line(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
+    """One line up to and including ``\\n``, at most ``limit`` bytes; at EOF, what came before it.
+
+    Byte by byte: whatever follows the newline belongs to the next layer (the
+    agent's ttrpc, a forwarded connection), so none of it may be consumed here.
+    """
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            return line
+        line += chunk
+        if len(line) > limit:
+            raise LineTooLong(line[:limit])
+    return line
+
+
 async def dial_unix(path: str | os.PathLike[str]) -> trio.SocketStream:
     try:
         return await trio.open_unix_socket(os.fspath(path))
@@ -34,15 +59,12 @@ async def dial_hybrid_vsock(uds_path: str | os.PathLike[str], port: int,
     try:
         with trio.fail_after(timeout):
             await stream.send_all(f"CONNECT {port}\n".encode())
-            line = b""
-            # Byte by byte: whatever follows the newline belongs to the agent.
-            while not line.endswith(b"\n"):
-                chunk = await stream.receive_some(1)
-                if not chunk:
-                    raise DialError(0, f"hybrid vsock {uds_path}: closed during CONNECT {port} (guest not listening?)")
-                line += chunk
-                if len(line) > MAX_REPLY:
-                    raise DialError(0, f"hybrid vsock {uds_path}: reply too long: {line[:MAX_REPLY]!r}")
+            try:
+                line = await receive_line(stream, MAX_REPLY)
+            except LineTooLong as exc:
+                raise DialError(0, f"hybrid vsock {uds_path}: reply too long: {exc.start!r}") from None
+            if not line.endswith(b"\n"):
+                raise DialError(0, f"hybrid vsock {uds_path}: closed during CONNECT {port} (guest not listening?)")
         if not line.startswith(b"OK"):
             raise DialError(0, f"hybrid vsock {uds_path}: CONNECT {port} refused: {line.strip()!r}")
         return stream

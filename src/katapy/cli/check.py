@@ -99,6 +99,11 @@ def probe() -> Report:
     rep.add("cgroups", True, cgroup_version())
     qemu = shutil.which("qemu-system-x86_64")
     rep.add("qemu", qemu is not None, qemu or "qemu-system-x86_64 not installed")
+    from katapy.resource.network.portforward import host_support
+
+    pf_problem = host_support()
+    rep.add("port forwarding", pf_problem is None,
+            "available (an iptables nat DNAT rule works in a scratch netns)" if pf_problem is None else pf_problem)
 
     cfg = None
     try:

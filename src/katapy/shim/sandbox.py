@@ -136,6 +136,7 @@ class SandboxManager:
             self.times.create_sandbox_s = time.monotonic() - t0
             if self.network is not None:
                 await self.network.configure_guest(self.agent)
+                await self.network.forward_ports(self.nursery, self.hypervisor.agent_socket())
         except BaseException as exc:
             self._log.error("sandbox start failed", error=str(exc))
             with trio.CancelScope(shield=True):

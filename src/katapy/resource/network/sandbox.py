@@ -4,7 +4,8 @@
     await net.attach(hypervisor)        # before start_vm: taps, filters, one NIC per tap (cold-plugged)
     ... start_vm, agent connect, CreateSandbox ...
     await net.configure_guest(agent)    # UpdateInterface per NIC, UpdateRoutes
-    await net.release()                 # after the VMM is gone: close fds, remove filters and taps
+    await net.forward_ports(nursery, agent_socket)  # CRI PortForward into the guest (portforward)
+    await net.release()                 # after the VMM is gone: stop forwarding, close fds, remove filters and taps
 
 How the VMM gets its tap: the shim opens each tap *inside the pod netns*
 (``pod.open_taps``, setns on a helper thread) and hands the fd over in
@@ -15,20 +16,24 @@ VMM would read and write the same fd.  The shim closes its copies at release.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from katapy import log
 from katapy.resource.network import guest, pod
+from katapy.resource.network.portforward import PortForwarder
 from katapy.resource.network.types import NetworkError, PodNetwork
 
 
 class SandboxNetwork:
     def __init__(self, netns_path: str, sandbox_id: str) -> None:
         self.netns_path = netns_path
+        self.sandbox_id = sandbox_id
         self.net: PodNetwork | None = None
         self.tap_fds: list[int] = []
+        self.port_forwarder: PortForwarder | None = None
         self._log = log.get("resource.network", sandbox_id=sandbox_id)
 
     async def attach(self, hypervisor: Any) -> None:
@@ -60,13 +65,27 @@ class SandboxNetwork:
                 raise NetworkError(f"the guest agent refused UpdateRoutes ({len(routes)} routes): {exc}") from None
         self._log.info("guest network configured", interfaces=len(self.net.endpoints), routes=len(routes))
 
+    async def forward_ports(self, nursery: trio.Nursery, agent_socket: Path) -> None:
+        """Serve CRI PortForward for this pod from ``nursery``.  A host that cannot (no iptables nat) gets an
+        error in the log naming the cause; the pod runs on, and PortForward finds nobody listening."""
+        fwd = PortForwarder(self.sandbox_id, self.netns_path, agent_socket)
+        try:
+            await nursery.start(fwd.run)
+        except NetworkError as exc:
+            self._log.error("port forwarding unavailable", error=str(exc))
+            return
+        self.port_forwarder = fwd
+
     def close_fds(self) -> None:
         fds, self.tap_fds = self.tap_fds, []
         for fd in fds:
             os.close(fd)
 
     async def release(self) -> None:
-        """Close the tap fds and remove filters and taps; idempotent, logs instead of raising."""
+        """Stop port forwarding, close the tap fds and remove filters and taps; idempotent, logs instead of raising."""
+        if self.port_forwarder is not None:
+            fwd, self.port_forwarder = self.port_forwarder, None
+            await fwd.stop()
         self.close_fds()
         if self.net is None:
             return
