@@ -24,7 +24,7 @@ import pytest
 from katapy.pb import cri_api_pb2 as cri
 from katapy.testing.cri_stream import PortForward, RemoteCommand
 
-from .test_cri_pods import HANDLERS, SERVER_CMD, _need, _netns_of
+from .test_cri_pods import HANDLERS, SERVER_CMD, _assert_backend, _log_mark, _need, _netns_of
 
 pytestmark = pytest.mark.containerd
 RUNNING, EXITED = cri.CONTAINER_RUNNING, cri.CONTAINER_EXITED
@@ -153,15 +153,28 @@ def _sh(c, cid: str, script: str) -> str:
 
 # -- a pod with the pod-level features: shareProcessNamespace, sysctls, a log directory ----------------
 
-@pytest.fixture(scope="module", params=HANDLERS)
+# the pod-level features also with handler katapy on the built-in VMM: hardware KVM, or delegated to the
+# nested KVM harness (kvm-marked; the L1's containerd runs the pod there)
+FEATURE_VARIANTS = [
+    pytest.param(("runc", None), id="runc"),
+    pytest.param(("katapy", "qemu"), marks=[pytest.mark.slow, pytest.mark.guest], id="katapy"),
+    pytest.param(("katapy", "builtin"), marks=[pytest.mark.slow, pytest.mark.guest, pytest.mark.kvm],
+                 id="katapy-builtin"),
+]
+
+
+@pytest.fixture(scope="module", params=FEATURE_VARIANTS)
 def feature_pod(request):
     """(containerd, handler, pod id, pod config, log dir): one pod with shareProcessNamespace and sysctls."""
-    handler = request.param
-    _need(handler)
-    c = request.getfixturevalue("cri_containerd")
+    handler, hypervisor = request.param
+    _need(handler, hypervisor or "qemu")
+    c = request.getfixturevalue("cri_containerd_builtin" if hypervisor == "builtin" else "cri_containerd")
     log_dir = Path(tempfile.mkdtemp(prefix=f"kplogs-{handler}-", dir=c.base))
     config = _pod_config(c, f"features-{handler}", pid=cri.POD, sysctls=SYSCTLS, log_dir=str(log_dir))
+    mark = _log_mark(c)
     pod_id = _run(c, config, handler)
+    if hypervisor is not None:
+        _assert_backend(c, mark, hypervisor)  # the shim says which VMM runs the pod: no silent fallback
     netns = _netns_of(c, pod_id)
     try:
         yield c, handler, pod_id, config, log_dir
@@ -287,7 +300,7 @@ def test_container_log_format_and_reopen(feature_pod):
     cid = _start(c, pod_id, config, "logger", ["sh", "-c", script])
     log = log_dir / "logger.log"
     try:
-        _wait_for(lambda: log.exists() and b"tick-" in log.read_bytes(), what="the container's log")
+        _wait_for(lambda: log.exists() and b"tick-" in log.read_bytes(), 90, "the container's log")
         entries = _log_entries(log)
         assert ("stdout", "F", b"one") in entries and ("stdout", "F", b"split line") in entries, entries[:6]
         assert ("stderr", "F", b"two") in entries, entries[:6]
@@ -301,7 +314,7 @@ def test_container_log_format_and_reopen(feature_pod):
         rotated = log.with_suffix(".log.1")
         os.rename(log, rotated)
         c.client.reopen_log(cid)
-        _wait_for(lambda: log.exists() and b"tick-" in log.read_bytes(), what="output in the reopened log")
+        _wait_for(lambda: log.exists() and b"tick-" in log.read_bytes(), 90, "output in the reopened log")
         assert all(e[2].startswith(b"tick-") for e in _log_entries(log))
     finally:
         c.client.stop_container(cid, timeout=0)
