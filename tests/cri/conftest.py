@@ -31,7 +31,7 @@ kernel = "{paths.guest_bzimage()}"
 initrd = "{paths.guest_initramfs()}"
 default_vcpus = 1
 default_memory = {default_memory}
-max_vcpus = 2
+max_vcpus = 4
 max_memory = 2048
 
 [agent]

@@ -366,7 +366,7 @@ def test_unknown_runtime_handler_is_refused(cri_containerd):
 @pytest.mark.parametrize("annotations,message", [
     ({"io.katapy.config.hypervisor.default_vcpus": "64"},
      "annotation io.katapy.config.hypervisor.default_vcpus='64': more vCPUs than the configuration allows "
-     "([hypervisor] max_vcpus = 2)"),
+     "([hypervisor] max_vcpus = 4)"),
     ({"io.katapy.config.hypervisor.default_memory": "999999"}, "max_memory = 2048 MiB"),
     ({"io.katapy.config.hypervisor.no_such_option": "1"},
      "annotation io.katapy.config.hypervisor.no_such_option: unknown katapy annotation"),

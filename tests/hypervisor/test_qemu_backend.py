@@ -7,6 +7,7 @@ real guest and talking to the agent is in test_qemu_guest.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -72,10 +73,10 @@ def test_start_control_stop_leaves_nothing(tiny_guest: dict[str, Path], short_tm
             assert await hv.qemu.status() == "running"
             with pytest.raises(UnsupportedError, match="no hotplug"):
                 await hv.add_device(BlockDevice("blk0", state / "qemu.log"))
-            with pytest.raises(UnsupportedError, match="no CPU hotplug"):
+            with pytest.raises(HypervisorError, match=r"resize_vcpus 2: out of range 1\.\.1 .*max_vcpus = 1"):
                 await hv.resize_vcpus(2)
             assert await hv.resize_vcpus(1) == 1
-            with pytest.raises(UnsupportedError, match="no memory hotplug"):
+            with pytest.raises(UnsupportedError, match="no memory hotplug .*pc-dimm needs ACPI"):
                 await hv.resize_memory(128)
             with pytest.raises(HypervisorError, match="starts one VM once"):
                 await hv.start_vm(_cfg(tiny_guest, state))
@@ -94,6 +95,42 @@ def test_start_control_stop_leaves_nothing(tiny_guest: dict[str, Path], short_tm
     assert _qemu_children() == []
     assert open_fds() == fds_before
     assert _memfd_maps() == maps_before
+
+
+def test_vcpus_present_at_start_and_resize_checks(tiny_guest: dict[str, Path], short_tmp: Path) -> None:
+    """-smp <max_vcpus> with the guest told maxcpus=<vcpus>; resize_vcpus checks range and state first."""
+    state = short_tmp / "sb"
+
+    async def main() -> None:
+        hv = QemuHypervisor(Path(QEMU))  # type: ignore[arg-type]
+        with pytest.raises(HypervisorError, match="resize_vcpus 2: the VM was never started"):
+            await hv.resize_vcpus(2)
+        cfg = dataclasses.replace(_cfg(tiny_guest, state), vcpus=1, max_vcpus=4)
+        await hv.start_vm(cfg)
+        try:
+            assert hv.qemu is not None and hv.qemu.pid is not None
+            argv = Path(f"/proc/{hv.qemu.pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"-smp") + 1] == b"4"
+            assert b"maxcpus=1" in argv[argv.index(b"-append") + 1].split()
+            cpus = await hv.qemu.execute("query-cpus-fast")
+            assert len(cpus) == 4, cpus
+            for bad in (0, 5, -1):
+                with pytest.raises(HypervisorError, match=rf"resize_vcpus {bad}: out of range 1\.\.4 .*max_vcpus = 4"):
+                    await hv.resize_vcpus(bad)
+            assert hv.vcpus == 1
+            await hv.pause_vm()
+            with pytest.raises(HypervisorError, match="resize_vcpus 3: VM is paused, not running"):
+                await hv.resize_vcpus(3)
+            assert hv.vcpus == 1
+            await hv.resume_vm()
+            assert await hv.resize_vcpus(3) == 3 and hv.vcpus == 3
+            assert await hv.resize_vcpus(1) == 1 and hv.vcpus == 1
+            assert len(await hv.qemu.execute("query-cpus-fast")) == 4  # present all along
+        finally:
+            await hv.cleanup()
+
+    trio.run(main)
+    assert _qemu_children() == []
 
 
 def test_kill_9_is_detected_and_state_dir_cleaned(tiny_guest: dict[str, Path], short_tmp: Path) -> None:

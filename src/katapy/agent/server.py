@@ -75,6 +75,7 @@ class AgentServer:
             "ListInterfaces": (a.ListInterfacesRequest, self.list_interfaces),
             "ListRoutes": (a.ListRoutesRequest, self.list_routes),
             "OnlineCPUMem": (a.OnlineCPUMemRequest, self.online_cpu_mem),
+            "SetOnlineCPUs": (a.SetOnlineCPUsRequest, self.set_online_cpus),
             "GetGuestDetails": (a.GuestDetailsRequest, self.guest_details),
             "GetOOMEvent": (a.GetOOMEventRequest, self.get_oom_event),
         }
@@ -238,6 +239,14 @@ class AgentServer:
         if not req.cpu_only:
             guest.online_memory()
         return _EMPTY()
+
+    def set_online_cpus(self, req: Any, ctx: Any) -> Any:
+        from katapy.agent import cpu_online
+
+        after = cpu_online.set_online_cpus(req.online)
+        log.info("online CPUs set", requested=req.online, online=after.online, present=after.present)
+        return agent_pb2.OnlineCPUsResponse(online=after.online, present=after.present,
+                                            online_ids=list(after.online_ids))
 
     def guest_details(self, req: Any, ctx: Any) -> Any:
         from katapy.agent import guest

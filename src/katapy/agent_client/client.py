@@ -236,6 +236,12 @@ class AgentClient:
         await self._call("OnlineCPUMem", agent_pb2.OnlineCPUMemRequest(nb_cpus=nb_cpus, wait=wait,
                                                                        cpu_only=cpu_only))
 
+    async def set_online_cpus(self, online: int, timeout: float | None = None) -> types.OnlineCpus:
+        """Make exactly ``online`` guest CPUs online (katapy's SetOnlineCPUs); the guest's count after."""
+        resp = await self._call("SetOnlineCPUs", agent_pb2.SetOnlineCPUsRequest(online=online),
+                                agent_pb2.OnlineCPUsResponse, timeout=timeout)
+        return types.OnlineCpus(resp.online, resp.present, tuple(resp.online_ids))
+
     async def guest_details(self) -> types.GuestDetails:
         resp = await self._call("GetGuestDetails", agent_pb2.GuestDetailsRequest(
             mem_block_size=True, mem_hotplug_probe=True), agent_pb2.GuestDetailsResponse)

@@ -59,6 +59,15 @@ class ContainerStats:
 
 
 @dataclass(frozen=True)
+class OnlineCpus:
+    """SetOnlineCPUs' answer: the guest's online CPU count (and ids) out of the CPUs present."""
+
+    online: int
+    present: int
+    online_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class GuestDetails:
     mem_block_size_bytes: int
     support_mem_hotplug_probe: bool

@@ -78,6 +78,17 @@ def kernel_version_of(bzimage: Path) -> str | None:
         return None
 
 
+def resize_support(backend: str, max_vcpus: int) -> str:
+    """What resize_vcpus/resize_memory can do on ``backend`` (its class attributes; docs/hypervisor.md)."""
+    if backend == "qemu":
+        from katapy.hypervisor.qemu import QemuHypervisor as cls
+    else:
+        from katapy.hypervisor.builtin import BuiltinHypervisor as cls  # type: ignore[assignment]
+    vcpus = (f"vCPUs 1..{max_vcpus} ([hypervisor] max_vcpus; all created at start, the guest onlines them)"
+             if cls.vcpus_present_at_boot else "vCPUs: no")
+    return f"{vcpus}; memory: no ({cls.memory_hotplug_missing})"
+
+
 def probe() -> Report:
     from katapy.hypervisor.selection import decide, kvm_flavor
 
@@ -127,6 +138,7 @@ def probe() -> Report:
     d = decide(name, flavor)
     rep.hypervisor, rep.accel = d.name, d.accel
     rep.add("hypervisor", True, f"{d.name} (accel {d.accel}): {d.reason}")
+    rep.add("live resize", True, resize_support(d.name, cfg.hypervisor.max_vcpus if cfg else 1))
 
     artifacts_ok = kernel.exists() and initrd.exists() and not problems
     backend_ok = (d.name == "builtin" and flavor.startswith("hardware")) or (d.name == "qemu" and qemu is not None)

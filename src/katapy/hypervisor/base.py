@@ -76,9 +76,9 @@ class VmConfig:
     kernel: Path
     initrd: Path
     kernel_params: str = ""  # appended after the backend's own parameters
-    vcpus: int = 1
+    vcpus: int = 1  # online when the guest boots
     memory_mib: int = 256
-    max_vcpus: int = 1
+    max_vcpus: int = 1  # present (created by the VMM); the guest keeps those beyond ``vcpus`` offline
     max_memory_mib: int = 256
     shared_dir: Path | None = None  # exported as virtio-fs tag "katapy-shared"
     agent_port: int = 1024
@@ -109,10 +109,17 @@ class VmConfig:
         return self.state_dir / CONSOLE_LOG
 
     def guest_cmdline(self, backend_params: str = "") -> str:
-        """The kernel command line: backend's, katapy's agent conventions, then the user's."""
+        """The kernel command line: backend's, katapy's agent conventions, then the user's.
+
+        With more vCPUs present than booted, ``maxcpus=<vcpus>`` keeps the rest
+        present but offline (Documentation/admin-guide/kernel-parameters.txt,
+        "maxcpus="): ``katapy.resource.cpu`` has the agent online them later
+        through ``/sys/devices/system/cpu/cpuN/online``.
+        """
         parts = [
             backend_params,
             "console=ttyS0",
+            f"maxcpus={self.vcpus}" if self.max_vcpus > self.vcpus else "",
             # a panic reboots at once, by triple fault (microvm has no i8042 for reboot=k), and the
             # backends turn a reboot into an exit
             "reboot=t panic=-1",
@@ -200,7 +207,12 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def resize_vcpus(self, n: int) -> int:
-        """Make ``n`` vCPUs online; returns the count now present."""
+        """Give the guest ``n`` vCPUs (1..max_vcpus, VM running); returns the count it may now online.
+
+        The VMM's half of a resize: creating or parking vCPUs.  Onlining them in
+        the guest is the agent's (``SetOnlineCPUs``); ``katapy.resource.cpu``
+        orders the two, as Kata runtime-rs's resource manager does.
+        """
 
     @abc.abstractmethod
     async def resize_memory(self, mib: int) -> int:

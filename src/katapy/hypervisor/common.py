@@ -24,6 +24,10 @@ class SandboxVm(Hypervisor):
 
     #: how messages name the VMM, e.g. "QEMU microvm"
     vmm_label = ""
+    #: True when start_vm creates all max_vcpus vCPUs (resize_vcpus then needs only the guest)
+    vcpus_present_at_boot = False
+    #: why resize_memory cannot work on this backend, for its error
+    memory_hotplug_missing = "no hotplug-capable memory device"
 
     def __init__(self) -> None:
         self.cfg: VmConfig | None = None
@@ -31,6 +35,7 @@ class SandboxVm(Hypervisor):
         self._devices: list[SandboxDevice] = []
         self._cold: list[Device] = []  # block/net devices added before start_vm
         self._times: dict[str, float] = {}
+        self._vcpus: int | None = None  # set by resize_vcpus
 
     def _check_start(self, cfg: VmConfig) -> None:
         """Refuse a second start, missing boot files and a state directory that exists."""
@@ -69,17 +74,38 @@ class SandboxVm(Hypervisor):
         if len(self._cold) == before:
             raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
 
+    @property
+    def vcpus(self) -> int:
+        """The vCPUs the guest was last given (boot: ``VmConfig.vcpus``; then each resize_vcpus)."""
+        if self._vcpus is not None:
+            return self._vcpus
+        return self.cfg.vcpus if self.cfg else 0
+
     async def resize_vcpus(self, n: int) -> int:
-        current = self.cfg.vcpus if self.cfg else 0
-        if n == current:
-            return current
-        raise UnsupportedError(f"resize_vcpus {current} -> {n}: {self.vmm_label} has no CPU hotplug")
+        """Within 1..max_vcpus on a running VM.  A backend with ``vcpus_present_at_boot`` created all
+        max_vcpus vCPUs at start (the guest keeps the extra ones offline, ``maxcpus=``), so the VMM has
+        nothing to add or remove and the count is only recorded; the agent onlines/offlines them."""
+        if self.cfg is None:
+            raise HypervisorError(f"resize_vcpus {n}: the VM was never started")
+        limit = self.cfg.max_vcpus
+        if not 1 <= n <= limit:
+            raise HypervisorError(f"resize_vcpus {n}: out of range 1..{limit} (the VM was started with "
+                                  f"max_vcpus = {limit}: [hypervisor] max_vcpus)")
+        self._need(f"resize_vcpus {n}", VmState.RUNNING)
+        if n == self.vcpus:
+            return n
+        if not self.vcpus_present_at_boot:
+            raise UnsupportedError(f"resize_vcpus {self.vcpus} -> {n}: {self.vmm_label} has no CPU hotplug")
+        _log.info("vcpus resized", sandbox=self.cfg.sandbox_id, old=self.vcpus, new=n, present=limit)
+        self._vcpus = n
+        return n
 
     async def resize_memory(self, mib: int) -> int:
         current = self.cfg.memory_mib if self.cfg else 0
         if mib == current:
             return current
-        raise UnsupportedError(f"resize_memory {current} -> {mib} MiB: {self.vmm_label} has no memory hotplug")
+        raise UnsupportedError(f"resize_memory {current} -> {mib} MiB: {self.vmm_label} has no memory hotplug "
+                               f"({self.memory_hotplug_missing})")
 
     def agent_socket(self) -> Path:
         if self.cfg is None:

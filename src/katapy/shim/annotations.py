@@ -7,7 +7,7 @@ under katapy's prefix; containerd passes them only when the runtime's
 * ``io.katapy.config.hypervisor.default_vcpus``  integer, 1..[hypervisor] max_vcpus
 * ``io.katapy.config.hypervisor.default_memory`` integer MiB, 64..[hypervisor] max_memory
 * ``io.katapy.config.hypervisor.kernel_params``  one line, appended to the guest command line;
-  katapy's own ``katapy.*``/``console=`` parameters cannot be overridden
+  katapy's own ``katapy.*``/``console=``/``maxcpus=`` parameters cannot be overridden
 
 Any other ``io.katapy.`` key is an error (a typo must not be silently ignored).
 
@@ -16,6 +16,9 @@ CRI pod sizing (containerd's CRI plugin sets these on the sandbox container):
 ``io.kubernetes.cri.sandbox-memory`` (bytes).  As Kata's static sandbox sizing does, the
 pod's limits are *added* to the base size: vcpus = base + ceil(quota / period),
 memory = base + ceil(bytes / MiB); the result must still fit the configured maxima.
+The VM boots with that many vCPUs online; ``katapy.resource.cpu`` keeps it at least
+that large and sizes it live from the containers' own limits, starting from the base
+(``SandboxSizing.base_vcpus``), so the pod's limits are not counted twice.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ CRI_MEMORY = "io.kubernetes.cri.sandbox-memory"
 
 MIN_MEMORY_MIB = 64
 MIB = 1 << 20
-RESERVED_PARAMS = ("katapy.", "console=", "panic=", "reboot=")
+RESERVED_PARAMS = ("katapy.", "console=", "panic=", "reboot=", "maxcpus=")
 
 
 class AnnotationError(InvalidArgument):
@@ -51,9 +54,10 @@ class AnnotationError(InvalidArgument):
 class SandboxSizing:
     """What the annotations ask of the sandbox VM."""
 
-    vcpus: int
+    vcpus: int  # online at boot: base_vcpus plus the CRI pod sizing
     memory_mib: int
     kernel_params: str = ""
+    base_vcpus: int = 1  # the sandbox's default vCPUs (configuration or annotation), before the CRI sizing
 
 
 def _int(annotations: dict[str, str], key: str, low: int, high: int | None, why_high: str = "") -> int | None:
@@ -91,6 +95,7 @@ def sandbox_sizing(annotations: dict[str, str], hv: HypervisorConfig) -> Sandbox
     memory = _int(annotations, MEMORY, MIN_MEMORY_MIB, hv.max_memory,
                   f"more memory than the configuration allows ([hypervisor] max_memory = {hv.max_memory} MiB)")
     vcpus = vcpus if vcpus is not None else hv.default_vcpus
+    base_vcpus = vcpus
     memory = memory if memory is not None else hv.default_memory
 
     quota = _int(annotations, CRI_CPU_QUOTA, -1, None)
@@ -111,4 +116,4 @@ def sandbox_sizing(annotations: dict[str, str], hv: HypervisorConfig) -> Sandbox
                 f"more than [hypervisor] max_memory = {hv.max_memory} MiB")
         memory += extra_mib
     params = _kernel_params(annotations.get(KERNEL_PARAMS, ""))
-    return SandboxSizing(vcpus=vcpus, memory_mib=memory, kernel_params=params)
+    return SandboxSizing(vcpus=vcpus, memory_mib=memory, kernel_params=params, base_vcpus=base_vcpus)

@@ -135,10 +135,13 @@ class ContainerManager:
                 raise InvalidArgument(f"container {req.id}: {exc}") from None
             init.io = ProcessIO(self.sandbox.agent, req.id, req.id, req.stdio)
             init.io.open()
+            # before crun creates the container's process: it starts on the vCPUs its limit asks for
+            await self.sandbox.resize_for(req.id, _sized_resources(spec))
             await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], [])
         except BaseException:
             with trio.CancelScope(shield=True):
                 self._release(container)
+                await self._give_back_vcpus(req.id)
             raise
         self.containers[req.id] = container
         self.sandbox.record.containers.append(req.id)
@@ -286,6 +289,10 @@ class ContainerManager:
         c = self.get(req.id)
         if c.init.status == t.TaskStatus.STOPPED:
             raise FailedPrecondition(f"container {req.id} is stopped")
+        # as Kata: the VM is resized first, then the container's cgroup; resources without a "cpu"
+        # section leave the container's CPU limit as it was
+        if "cpu" in req.resources and _sized_resources(c.spec) is not None:
+            await self.sandbox.resize_for(req.id, req.resources)
         await self.sandbox.agent.update_container(req.id, req.resources)
 
     async def stats(self, cid: str) -> t.Stats:
@@ -339,6 +346,7 @@ class ContainerManager:
                 self._log.warning("remove_container failed", container_id=cid, error=str(exc))
         self._release(c)
         del self.containers[cid]
+        await self._give_back_vcpus(cid)
         if cid in self.sandbox.record.containers:
             self.sandbox.record.containers.remove(cid)
         self.sandbox.record.save()
@@ -347,6 +355,15 @@ class ContainerManager:
         self._log.info("container deleted", container_id=cid)
         return info
 
+    async def _give_back_vcpus(self, cid: str) -> None:
+        """Shrink the VM for a container that is gone; a failure is logged (the container is gone anyway)."""
+        if self.sandbox.vm_exit is not None:
+            return
+        try:
+            await self.sandbox.resize_for(cid, None)
+        except FailedPrecondition as exc:
+            self._log.warning("vCPUs not given back", container_id=cid, error=str(exc))
+
     def _release(self, c: Container) -> None:
         for proc in [c.init, *c.execs.values()]:
             if proc.io is not None:
@@ -354,3 +371,11 @@ class ContainerManager:
         if c.volumes is not None:
             volumes.unshare(c.volumes)
         rootfs.release(self.sandbox.shared_dir, c.id)
+
+
+def _sized_resources(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The OCI resources that size the VM for this container: None for a CRI sandbox (pause) container,
+    whose limits are the pod's and already sized the VM at boot (katapy.shim.annotations)."""
+    if (spec.get("annotations") or {}).get(bundle_mod.CONTAINER_TYPE) == "sandbox":
+        return None
+    return (spec.get("linux") or {}).get("resources") or {}

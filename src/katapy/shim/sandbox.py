@@ -24,6 +24,7 @@ import trio
 from katapy import log
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
+from katapy.resource.cpu import CpuResource, ResizeError, VcpuPolicy
 from katapy.resource.rootfs import GUEST_SHARED_DIR
 from katapy.shim.agent_log import AgentLogForwarder
 from katapy.shim.errors import FailedPrecondition, Unavailable
@@ -75,6 +76,7 @@ class SandboxManager:
         self._stopped = False
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
         self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
+        self.cpu: CpuResource | None = None  # the VM's vCPUs, sized from the containers' limits
         self.agent_log: AgentLogForwarder | None = None  # the agent's log lines into this shim's log
         self._console: Path | None = None  # the VM's console log
 
@@ -134,6 +136,7 @@ class SandboxManager:
             await self.agent.create_sandbox(hostname=hostname, dns=dns, sandbox_id=self.sandbox_id,
                                             storages=[share])
             self.times.create_sandbox_s = time.monotonic() - t0
+            self.cpu = CpuResource(self._vcpu_policy(vmcfg, sizing), self.hypervisor, self.agent, self.sandbox_id)
             if self.network is not None:
                 await self.network.configure_guest(self.agent)
                 await self.network.forward_ports(self.nursery, self.hypervisor.agent_socket())
@@ -146,6 +149,23 @@ class SandboxManager:
                        vm_start_s=round(self.times.vm_start_s, 3),
                        agent_connect_s=round(self.times.agent_connect_s, 3),
                        create_sandbox_s=round(self.times.create_sandbox_s, 3))
+
+    def _vcpu_policy(self, vmcfg: Any, sizing: Any) -> VcpuPolicy:
+        """Boot size and base from the annotations' sizing (or the configuration), maximum from the VM."""
+        base = sizing.base_vcpus if sizing is not None else self.config.hypervisor.default_vcpus
+        return VcpuPolicy(base=min(base, vmcfg.vcpus), floor=vmcfg.vcpus, max_vcpus=vmcfg.max_vcpus)
+
+    async def resize_for(self, cid: str, resources: dict[str, Any] | None) -> None:
+        """Size the VM for ``cid``'s OCI resources (None: the container is gone); FailedPrecondition if not."""
+        if self.cpu is None:
+            return
+        try:
+            if resources is None:
+                await self.cpu.remove_container(cid)
+            else:
+                await self.cpu.set_container(cid, resources)
+        except ResizeError as exc:
+            raise FailedPrecondition(f"container {cid}: {exc}") from None
 
     async def _attach_network(self, netns_path: str) -> None:
         from katapy.resource.network import NetworkError

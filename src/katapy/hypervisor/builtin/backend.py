@@ -68,6 +68,10 @@ def classify_exit(vmm_exit: object, console: str) -> VmExit:
 class BuiltinHypervisor(SandboxVm):
     name = "builtin"
     vmm_label = "the builtin VMM"
+    # every max_vcpus vCPU is created at start (the MP table lists them all); the guest boots with
+    # maxcpus=<vcpus> and the APs beyond it stay in wait-for-SIPI, blocked in KVM_RUN, until onlined
+    vcpus_present_at_boot = True
+    memory_hotplug_missing = "the built-in VMM adds no KVM memory slot after start (no memory upcall yet)"
 
     def __init__(self, boot_protocol: str | None = None) -> None:
         """``boot_protocol``: "linux64" | "pvh" (katapy.vmm.boot.loader.BootProtocol); None = the VMM's default."""
@@ -103,7 +107,7 @@ class BuiltinHypervisor(SandboxVm):
 
     def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
         vmm = self._vmm = vmm_cls()
-        vmm.configure_machine(cfg.vcpus, cfg.memory_mib)
+        vmm.configure_machine(cfg.max_vcpus, cfg.memory_mib)
         from katapy.vmm.config import I8042_KERNEL_PARAMS
 
         cmdline = cfg.guest_cmdline(I8042_KERNEL_PARAMS)

@@ -14,7 +14,10 @@ The agent is reached through the vsock back end's hybrid-vsock socket,
 ``<state_dir>/vsock.sock``, the same path the builtin backend uses.  microvm
 has neither CPU nor memory hotplug nor a hotplug-capable bus, so devices are
 cold-plugged (``add_device`` before ``start_vm``: QEMU's own virtio-blk /
-virtio-net devices) and resizing answers :class:`UnsupportedError`.
+virtio-net devices) and ``resize_memory`` answers :class:`UnsupportedError`.
+vCPUs: all ``max_vcpus`` are created at start (``-smp <max_vcpus>``) and the
+guest boots with ``maxcpus=<vcpus>``, so ``resize_vcpus`` within
+1..max_vcpus is the guest's onlining/offlining (``katapy.resource.cpu``).
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ VSOCK_PORT_SUFFIX = len("_4294967295")
 class QemuHypervisor(SandboxVm):
     name = "qemu"
     vmm_label = "QEMU microvm"
+    vcpus_present_at_boot = True  # -smp <max_vcpus>, guest maxcpus=<vcpus>
+    memory_hotplug_missing = ("pc-dimm needs ACPI and virtio-mem a PCI bus; microvm runs with acpi=off and "
+                              "has virtio-mmio only")
 
     def __init__(self, binary: Path, accel: str = "tcg", seccomp: bool = True):
         super().__init__()

@@ -64,7 +64,9 @@ def build_command(cfg: VmConfig, launch: QemuLaunch) -> list[str]:
         "-M", _opts("microvm", "x-option-roms=off", "rtc=on", "acpi=off", "isa-serial=on", memory_backend="mem"),
         "-accel", launch.accel,
         "-cpu", "host" if launch.accel == "kvm" else "max",
-        "-smp", str(cfg.vcpus),
+        # all max_vcpus present: microvm cannot hotplug a CPU (no ACPI/PCI), so the guest boots with
+        # maxcpus=<vcpus> (VmConfig.guest_cmdline) and onlines the rest when the pod grows
+        "-smp", str(cfg.max_vcpus),
         "-m", mem,
         "-object", _opts("memory-backend-memfd", id="mem", size=mem, share="on"),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
