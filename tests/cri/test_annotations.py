@@ -16,7 +16,7 @@ def test_defaults_without_annotations():
 
 def test_katapy_annotations_within_limits():
     s = ann.sandbox_sizing({ann.VCPUS: "2", ann.MEMORY: "512", ann.KERNEL_PARAMS: "loglevel=7 quiet"}, HV)
-    assert s == ann.SandboxSizing(2, 512, "loglevel=7 quiet")
+    assert s == ann.SandboxSizing(2, 512, "loglevel=7 quiet", base_vcpus=2)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -27,6 +27,7 @@ def test_katapy_annotations_within_limits():
     (ann.MEMORY, "16", "must be at least 64"),
     (ann.KERNEL_PARAMS, "a\nb", "one line"),
     (ann.KERNEL_PARAMS, "katapy.agent_port=9", "'katapy.agent_port=9' is set by katapy"),
+    (ann.KERNEL_PARAMS, "maxcpus=8", "'maxcpus=8' is set by katapy"),
     ("io.katapy.config.hypervisor.default_vcpu", "2", "unknown katapy annotation"),
 ])
 def test_bad_annotations_name_key_and_value(key, value, message):
@@ -40,6 +41,7 @@ def test_cri_sizing_adds_to_the_base():
     s = ann.sandbox_sizing({ann.CRI_CPU_QUOTA: "150000", ann.CRI_CPU_PERIOD: "100000",
                             ann.CRI_MEMORY: str(300 * (1 << 20) + 1)}, HV)
     assert (s.vcpus, s.memory_mib) == (1 + 2, 256 + 301)
+    assert s.base_vcpus == 1  # what katapy.resource.cpu sizes the containers' limits from, live
 
 
 def test_cri_sizing_unlimited_quota_adds_nothing():
