@@ -51,7 +51,7 @@ def test_bad_requests_get_clear_errors(agent_target: AgentTarget) -> None:
 
 
 def _frame(stream_id: int, kind: int, data: bytes, length: int | None = None) -> bytes:
-    """A ttrpc frame built by hand (protocols.md section 3): u32 len, u32 stream, u8 type, u8 flags."""
+    """A ttrpc frame built by hand (docs/protocols.md §3): u32 len, u32 stream, u8 type, u8 flags."""
     return struct.pack(">IIBB", len(data) if length is None else length, stream_id, kind, 0) + data
 
 

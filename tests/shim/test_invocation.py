@@ -1,4 +1,4 @@
-"""The shim v2 invocation contract (protocols.md section 1): start, delete, address file, grouping."""
+"""The shim v2 invocation contract (docs/protocols.md §1): start, delete, address file, grouping."""
 from __future__ import annotations
 
 import hashlib
@@ -145,7 +145,7 @@ def test_bad_flag_and_action_are_usage_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and b"unknown action" in res.stderr
 
 
-# -- a minimal ttrpc client call, written against the wire format (protocols.md section 3) --
+# -- a minimal ttrpc client call, written against the wire format (docs/protocols.md §3) --
 
 
 def ttrpc_call(path: str, method: str, req, resp_cls, service: str = "containerd.task.v2.Task", timeout: float = 10):

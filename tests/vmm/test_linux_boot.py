@@ -1,7 +1,7 @@
 """Boot katapy's guest kernel + initramfs with the built-in VMM to the agent's readiness line.
 
 Needs hardware-style KVM: kvm-pvm cannot run a stock Linux guest (see
-shared/research/environment.md), so the ``kvm`` marker runs this inside the
+docs/testing.md), so the ``kvm`` marker runs this inside the
 nested KVM harness there, or skips saying why the harness cannot run.
 """
 from __future__ import annotations

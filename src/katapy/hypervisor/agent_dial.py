@@ -2,7 +2,7 @@
 
 The agent listens on a vsock port once the guest has booted; the runtime dials
 it through the VMM's hybrid-vsock socket (``CONNECT <port>``, see
-protocols.md "hybrid vsock") and retries until it answers or the dial timeout
+docs/protocols.md §5) and retries until it answers or the dial timeout
 (``[agent] dial_timeout``) runs out.  Two ways to fail, each with what a user
 needs to see where the guest stopped:
 

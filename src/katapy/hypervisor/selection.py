@@ -3,7 +3,7 @@
 ``auto`` follows Kata 4.0's default (the built-in VMM) wherever hardware KVM
 is there to run a Linux guest.  On a host whose /dev/kvm is kvm-pvm (a
 paravirtual KVM that runs small programs but not a stock Linux guest; see
-shared/research/environment.md) or that has no /dev/kvm at all, ``auto``
+docs/testing.md) or that has no /dev/kvm at all, ``auto``
 picks QEMU with TCG, the only accelerator that boots the guest there.
 
 The KVM flavour comes from ``katapy.vmm.kvm.host.kvm_flavor()`` (``/proc/cpuinfo``

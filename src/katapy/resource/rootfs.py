@@ -2,9 +2,9 @@
 
 containerd hands the shim the snapshot as ``CreateTaskRequest.rootfs`` mounts
 (for overlayfs: ``type=overlay source=overlay options=[lowerdir=..,upperdir=..,
-workdir=..]``; protocols.md section 2).  katapy mounts them at
+workdir=..]``; docs/protocols.md §2).  katapy mounts them at
 ``<shared_dir>/<cid>/rootfs`` on the host; the virtio-fs share exports that
-as ``/run/katapy/shared/<cid>/rootfs`` in the guest (contracts).  With no
+as ``/run/katapy/shared/<cid>/rootfs`` in the guest (docs/protocols.md §4).  With no
 mounts (``ctr run --rootfs``), the spec's ``root.path`` (relative to the
 bundle) is bind-mounted there instead.
 """

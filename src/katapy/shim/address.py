@@ -1,4 +1,4 @@
-"""The shim's socket address and the bundle's ``address`` file (protocols.md section 1).
+"""The shim's socket address and the bundle's ``address`` file (docs/protocols.md §1).
 
 ``unix:///run/containerd/s/<hex(sha256(join(<-address>, <ns>, <group id>)))>``
 (containerd v1.6 ``runtime/v2/shim/util_unix.go`` SocketAddress); the address

@@ -169,7 +169,7 @@ class ContainerManager:
         if proc.io is not None:
             proc.io.start(self.nursery)
         pid = self.task_pid
-        # published before Start returns, so it precedes TaskExit (protocols.md section 2)
+        # published before Start returns, so it precedes TaskExit (docs/protocols.md §2)
         self.publish(ev.ExecStarted(cid, exec_id, pid) if exec_id else ev.TaskStarted(cid, pid))
         self.nursery.start_soon(self._wait_exit, c, proc)
         self._log.info("process started", container_id=cid, exec_id=exec_id, start_s=round(time.monotonic() - t0, 3))

@@ -6,7 +6,7 @@ kill every process in the sandbox cgroup (the VMM: the dead shim itself for
 builtin, QEMU for qemu), unmount the container's rootfs and volumes from the
 share, and for the sandbox's own container remove the cgroup, the state
 directory and the stale socket.  Prints the raw ``DeleteResponse`` bytes
-(exit_status 137, exited_at now) as runc does (protocols.md section 1).
+(exit_status 137, exited_at now) as runc does (docs/protocols.md §1).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Task events the shim publishes, as typed values (containerd ``api/events/task.proto``).
 
-The topics and their order are the shim v2 compliance table (protocols.md
-section 2): create, start (before Start returns), exit (init's ``id`` is the
+The topics and their order are the shim v2 compliance table (docs/protocols.md
+§2): create, start (before Start returns), exit (init's ``id`` is the
 container id), delete, exec-added, exec-started, oom, paused, resumed.  The
 publisher (``katapy.shim.publisher``) turns them into protobuf at the edge.
 """

@@ -1,7 +1,7 @@
 """``containerd-shim-katapy-v2``: containerd's runtime ``io.containerd.katapy.v2``.
 
-Dispatches on the action (``start``, ``delete``, none = daemon; protocols.md
-section 1).  Imports are lazy: ``start`` and ``delete`` run on every container
+Dispatches on the action (``start``, ``delete``, none = daemon; docs/protocols.md
+§1).  Imports are lazy: ``start`` and ``delete`` run on every container
 start/cleanup and must not pay for trio, the VMM or the agent client.  Logs
 go to the bundle's ``log`` FIFO (containerd copies it into its own log) as
 structlog key=value lines; ``start``/``delete`` errors also go to stderr,

@@ -1,5 +1,5 @@
 """Forward task events to containerd: ttrpc ``containerd.services.events.ttrpc.v1.Events/Forward``
-on ``TTRPC_ADDRESS`` (containerd v1.6 ``runtime/v2/shim/publisher.go``; protocols.md section 2).
+on ``TTRPC_ADDRESS`` (containerd v1.6 ``runtime/v2/shim/publisher.go``; docs/protocols.md §2).
 
 Events leave in the order they were published: one task drains a queue and
 sends each envelope before the next, with a 5 s deadline per attempt and up

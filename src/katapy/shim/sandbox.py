@@ -4,7 +4,7 @@
 Start order: sandbox directory and record -> host cgroup (the shim joins it,
 so VMM threads and an external VMM inherit it) -> ``Hypervisor.start_vm`` with
 the virtio-fs share -> ``AgentClient.connect`` over hybrid vsock ->
-``CreateSandbox`` with the virtio-fs storage (contracts: tag ``katapy-shared``
+``CreateSandbox`` with the virtio-fs storage (docs/protocols.md §4: tag ``katapy-shared``
 mounted at /run/katapy/shared).  Once the VM runs, the agent's log port is
 forwarded into the shim's log (``agent_log``).  Any failure undoes everything done so far.
 Stop order is the reverse; ``stop`` is idempotent.

@@ -1,4 +1,4 @@
-"""The containerd Task service (``containerd.task.v2.Task``, protocols.md section 2) over ttrpc.
+"""The containerd Task service (``containerd.task.v2.Task``, docs/protocols.md §2) over ttrpc.
 
 Conversion only: each RPC's protobuf request becomes a ``katapy.shim.types``
 request for the dispatcher, and the katapy response becomes the protobuf

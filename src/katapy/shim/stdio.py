@@ -1,4 +1,4 @@
-"""Bridge containerd's stdio FIFOs to the agent's stream calls (protocols.md sections 1 and 4).
+"""Bridge containerd's stdio FIFOs to the agent's stream calls (docs/protocols.md §1 and §4).
 
 * stdout/stderr: a loop of ``ReadStdout``/``ReadStderr`` writes what the agent
   returns into the FIFO until the agent answers b"" (EOF).  In tty mode the

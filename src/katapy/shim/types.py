@@ -1,5 +1,5 @@
 """The shim's own request/response types: what the service layer converts the
-containerd Task API (``containerd.task.v2``, protocols.md section 2) into.
+containerd Task API (``containerd.task.v2``, docs/protocols.md §2) into.
 
 Nothing below the service layer sees protobuf; these dataclasses are the
 vocabulary the dispatcher, the runtime handler and the managers share.
