@@ -80,9 +80,11 @@ def boot_builtin_qemu_xsave() -> tuple[bool, str, str]:
 
 
 def boot_builtin(pit: bool = True, pic_routes: bool = True, irqchip: str = "kernel",
-                 polled: bool = False) -> tuple[bool, str, str]:
+                 polled: bool = False, parked: bool = False) -> tuple[bool, str, str]:
     """``pit=False``: no in-kernel PIT (KVM_CREATE_PIT2 left out); ``pic_routes=False``: GSIs 0-23 routed to
-    the IOAPIC only (KVM's default table also routes GSIs 0-15 to the PIC); to see what plays a part."""
+    the IOAPIC only (KVM's default table also routes GSIs 0-15 to the PIC); to see what plays a part.
+    ``parked=True``: the pod shape of live vCPU resize -- both vCPUs created, the guest booted with
+    ``maxcpus=1`` so the second stays in wait-for-SIPI (katapy.resource.cpu)."""
     if not pit or not pic_routes:
         from katapy.vmm.kvm.vm import VmFd
         saved = VmFd.create_pit2, VmFd.create_irqchip
@@ -101,7 +103,8 @@ def boot_builtin(pit: bool = True, pic_routes: bool = True, irqchip: str = "kern
             VmFd.create_pit2, VmFd.create_irqchip = saved  # type: ignore[method-assign]
     out, vmm = (PolledCapture() if polled else SerialCapture()), Vmm()
     vmm.configure_machine(2, 512, IrqChip(irqchip))
-    vmm.set_boot_source(paths.guest_vmlinux(), paths.guest_initramfs(), CMDLINE, BootProtocol.LINUX64)
+    cmdline = CMDLINE + (" maxcpus=1" if parked else "")
+    vmm.set_boot_source(paths.guest_vmlinux(), paths.guest_initramfs(), cmdline, BootProtocol.LINUX64)
     vmm.add_device(RecordingDevice())
     vmm.add_serial_output(out)
     t0 = time.monotonic()
@@ -158,7 +161,7 @@ def trace_on() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("count", type=int)
-    ap.add_argument("kinds", help="comma-separated: builtin, builtin-nopit, builtin-nopic, builtin-split, builtin-polled (serial output polled), builtin-xsave (CPUID 0xD as QEMU's), qemu, qemu-kirq (QEMU with KVM's "
+    ap.add_argument("kinds", help="comma-separated: builtin, builtin-nopit, builtin-nopic, builtin-split, builtin-polled (serial output polled), builtin-parked (2 vCPUs, maxcpus=1: the second parked), builtin-xsave (CPUID 0xD as QEMU's), qemu, qemu-kirq (QEMU with KVM's "
                     "full irqchip), qemu-kirq-nopit, qemu-memfd (guest RAM in a shared memfd)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp"))
@@ -169,6 +172,7 @@ def main() -> int:
              "builtin-nopic": lambda: boot_builtin(pic_routes=False),
              "builtin-split": lambda: boot_builtin(irqchip="split"),
              "builtin-polled": lambda: boot_builtin(polled=True),
+             "builtin-parked": lambda: boot_builtin(parked=True),
              "builtin-xsave": boot_builtin_qemu_xsave,
              "qemu": boot_qemu,
              "qemu-kirq": lambda: boot_qemu("on"), "qemu-kirq-nopit": lambda: boot_qemu("on", pit="off"),
