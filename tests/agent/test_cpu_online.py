@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from katapy.agent.cpu_online import CpuSysfs, parse_cpu_list, set_online_cpus
-from katapy.ttrpc.errors import FailedPrecondition, InvalidArgument
+from katapy.ttrpc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 
 
 class FakeCpuTree(CpuSysfs):
@@ -119,3 +119,14 @@ def test_cpus_without_an_online_file_cannot_be_taken_down(tmp_path):
 def test_missing_present_file_is_a_clear_error(tmp_path):
     with pytest.raises(FailedPrecondition, match="cannot read .*present"):
         set_online_cpus(1, CpuSysfs(tmp_path))
+
+
+def test_online_cpu_mem_onlines_offline_cpus_through_the_same_files(tmp_path):
+    """OnlineCPUMem's CPU half (katapy.agent.guest.online_cpus) walks the same sysfs files as SetOnlineCPUs."""
+    from katapy.agent.guest import online_cpus
+
+    tree = FakeCpuTree(tmp_path, present=4, online=1, refuse=(2,))
+    assert online_cpus(2, timeout=None, sysfs=tree) == 2
+    assert tree.online() == [0, 1, 3]  # cpu2 refused: the next offline one instead
+    with pytest.raises(DeadlineExceeded):
+        online_cpus(1, timeout=0.2, sysfs=tree)  # only the refusing cpu2 is left

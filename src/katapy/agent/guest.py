@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 
+from katapy.agent.cpu_online import CpuSysfs
 from katapy.ttrpc.errors import DeadlineExceeded, FailedPrecondition
 
-SYS_CPU = "/sys/devices/system/cpu"
 SYS_MEMORY = "/sys/devices/system/memory"
 CPU_WAIT_S = 10.0
 
@@ -25,29 +25,24 @@ def _write(path: str, value: str) -> bool:
         return False
 
 
-def _offline_cpus() -> list[str]:
-    out = []
-    for name in sorted(os.listdir(SYS_CPU)):
-        if name.startswith("cpu") and name[3:].isdigit():
-            try:
-                with open(os.path.join(SYS_CPU, name, "online")) as f:
-                    if f.read().strip() == "0":
-                        out.append(name)
-            except OSError:
-                pass  # cpu0 often has no "online" file: always online
-    return out
+def online_cpus(nb_cpus: int, timeout: float | None, sysfs: CpuSysfs | None = None) -> int:
+    """Online up to ``nb_cpus`` offline CPUs, waiting for hot-added ones to appear; how many.
 
-
-def online_cpus(nb_cpus: int, timeout: float | None) -> int:
-    """Online up to ``nb_cpus`` offline CPUs, waiting for hot-added ones to appear; how many."""
+    The CPU files are :class:`katapy.agent.cpu_online.CpuSysfs`'s (SetOnlineCPUs uses the same)."""
     if nb_cpus == 0:
         return 0
+    sysfs = sysfs or CpuSysfs()
     done = 0
     deadline = time.monotonic() + (CPU_WAIT_S if timeout is None else min(timeout, CPU_WAIT_S))
     while done < nb_cpus:
-        for name in _offline_cpus():
-            if done < nb_cpus and _write(os.path.join(SYS_CPU, name, "online"), "1"):
+        for cpu in [c for c in sysfs.present() if not sysfs.is_online(c)]:
+            if done >= nb_cpus:
+                break
+            try:
+                sysfs.write(cpu, True)
                 done += 1
+            except FailedPrecondition:
+                continue  # not up yet (still being hot-added) or refused: retried until the deadline
         if done >= nb_cpus:
             break
         if time.monotonic() > deadline:
