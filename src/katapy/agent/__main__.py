@@ -28,7 +28,6 @@ USAGE = """usage: python3 -m katapy.agent [--listen unix:PATH | --listen vsock:P
 """
 DEFAULT_PORT = 1024
 LOG_PORT = 1025
-PORT_FORWARD_PORT = 1026  # CRI PortForward streams from the shim (katapy.agent.portforward)
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -141,7 +140,7 @@ def main(argv: list[str]) -> int:
     sock = listen(listen_spec)
     kind, _, where = listen_spec.partition(":")
     if kind == "vsock":
-        from katapy.agent.portforward import Forwarder
+        from katapy.agent.portforward import PORT_FORWARD_PORT, Forwarder
 
         try:
             Forwarder(listen(f"vsock:{PORT_FORWARD_PORT}")).start()

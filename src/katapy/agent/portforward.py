@@ -4,8 +4,8 @@ CRI PortForward (``kubectl port-forward``) makes containerd dial
 ``127.0.0.1:<port>`` in the pod netns on the host.  With katapy the listener
 is in the guest, so the shim catches that connection
 (``katapy.resource.network.portforward``) and opens one vsock stream per
-connection to this agent's port-forward port (``PORT_FORWARD_PORT`` in
-``katapy.agent.__main__``).  The VM's netns *is* the pod netns, so the agent
+connection to this agent's port-forward port (``PORT_FORWARD_PORT``, below,
+which ``katapy.agent.__main__`` listens on).  The VM's netns *is* the pod netns, so the agent
 dials ``127.0.0.1:<port>`` here, where the containers listen.
 
 Wire protocol, one exchange at the start of each stream, then raw bytes:
@@ -32,6 +32,7 @@ import time
 
 from katapy.agent import log
 
+PORT_FORWARD_PORT = 1026  # the guest vsock port the agent serves these streams on
 LOOPBACK = "127.0.0.1"
 REQUEST_MAX = 16  # b"PORT 65535\n" is 11
 STATUS_MAX = 256

@@ -67,7 +67,7 @@ import trio
 
 from katapy import log
 from katapy.agent import portforward as protocol
-from katapy.agent.__main__ import PORT_FORWARD_PORT
+from katapy.agent.portforward import PORT_FORWARD_PORT
 from katapy.resource.network.netns import run_in_netns
 from katapy.resource.network.types import NetworkError
 
