@@ -3,7 +3,8 @@
 As PID 1 (``/init`` execs it) it finishes system set-up that /init may have
 skipped, reaps every zombie, reads ``katapy.agent_port`` and ``katapy.log``
 from /proc/cmdline, listens on AF_VSOCK (VMADDR_CID_ANY, port), serves port
-forwarding on vsock port 1026 (``katapy.agent.portforward``), sends its log
+forwarding on vsock port 1026 (``katapy.agent.portforward``) and the upcall
+channel on port 0xDB (``katapy.agent.upcall``), sends its log
 to host port 1025 when the host listens, and prints
 ``katapy-agent: ready port=<port>`` on the console.
 
@@ -146,6 +147,12 @@ def main(argv: list[str]) -> int:
             Forwarder(listen(f"vsock:{PORT_FORWARD_PORT}")).start()
         except OSError as exc:  # e.g. katapy.agent_port=1026: the agent's API matters more
             log.error("port forwarding not served", port=PORT_FORWARD_PORT, error=str(exc))
+        from katapy.agent.upcall.server import serve_vsock
+
+        try:
+            serve_vsock(log.info)  # the VMM's hotplug requests (docs/protocols.md §8)
+        except OSError as exc:
+            log.error("upcall not served", error=str(exc))
     ready = f"port={where}" if kind == "vsock" else f"listen={listen_spec}"
     print(f"katapy-agent: ready {ready}", flush=True)
     log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init, uptime_s=_uptime())
