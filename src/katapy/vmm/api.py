@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from katapy import log
 from katapy.vmm import builder
@@ -45,15 +45,20 @@ class Vmm:
         self._built: builder.BuiltVm | None = None
         self._vcpus: list[VcpuThread] = []
         self._halted: set[int] = set()
+        self._upcall_uds: Path | None = None
+        self._upcall: Any = None  # katapy.vmm.upcall.UpcallChannel, opened on the first hotplug
+        self._memory_hotplug: Any = None  # katapy.vmm.memory_hotplug.MemoryHotplug
 
     # -- configuration (before start) -----------------------------------------
     def _configurable(self) -> None:
         if self._state is not VmState.NOT_STARTED:
             raise VmmError(f"cannot configure a VM that is {self._state.value}")
 
-    def configure_machine(self, vcpus: int, mem_mib: int, irqchip: IrqChip = IrqChip.KERNEL) -> None:
+    def configure_machine(self, vcpus: int, mem_mib: int, irqchip: IrqChip = IrqChip.KERNEL,
+                          max_mem_mib: int | None = None) -> None:
+        """``max_mem_mib``: the RAM the VM may grow to by :meth:`resize_memory` (None: it keeps ``mem_mib``)."""
         self._configurable()
-        m = MachineConfig(vcpus, mem_mib, irqchip)
+        m = MachineConfig(vcpus, mem_mib, irqchip, max_mem_mib)
         m.validate()
         self.resources.machine = m
 
@@ -75,6 +80,11 @@ class Vmm:
     def add_device(self, device: VirtioDevice) -> None:
         self._configurable()
         self.resources.devices.append(device)
+
+    def set_upcall_socket(self, uds: str | Path) -> None:
+        """The hybrid-vsock socket through which the VMM reaches the guest's upcall server (port 0xDB)."""
+        self._configurable()
+        self._upcall_uds = Path(uds)
 
     def add_serial_output(self, output: Callable[[bytes], None]) -> None:
         """Every byte the guest writes to COM1 goes to ``output`` (called on a vCPU thread)."""
@@ -134,6 +144,9 @@ class Vmm:
             for t in self._vcpus:
                 if not t.join(timeout=10):
                     _log.error("vCPU thread did not stop", vcpu=t.index)
+            if self._upcall is not None:
+                self._upcall.close()
+                self._upcall = None
             if self._built is not None and all(not t.alive for t in self._vcpus):
                 self._built.close()
                 self._built = None
@@ -141,6 +154,54 @@ class Vmm:
 
     def state(self) -> VmState:
         return self._state
+
+    # -- hotplug ------------------------------------------------------------------
+    def memory_mib(self) -> int:
+        """The guest's RAM now: boot RAM plus what resize_memory added."""
+        m = self.resources.machine
+        extra = self._memory_hotplug.plugged if self._memory_hotplug is not None else 0
+        return m.mem_mib + (extra >> 20)
+
+    def resize_memory(self, mib: int) -> int:
+        """Grow or shrink the guest's RAM to ``mib`` (boot RAM .. max_mem_mib, in 128 MiB steps above
+        the boot RAM) on a running VM; returns the new size.  See katapy.vmm.memory_hotplug."""
+        from katapy.vmm import memory_hotplug as mh
+
+        with self._lock:
+            if self._state is not VmState.RUNNING:
+                raise VmmError(f"cannot resize the memory of a VM that is {self._state.value}")
+            m = self.resources.machine
+            limit = m.max_mem_mib if m.max_mem_mib is not None else m.mem_mib
+            if not m.mem_mib <= mib <= limit:
+                raise VmmError(f"memory {mib} MiB is outside {m.mem_mib}..{limit} MiB (boot RAM .. max_mem_mib)")
+            extra = (mib - m.mem_mib) << 20
+            if extra % mh.BLOCK_SIZE:
+                raise VmmError(f"memory {mib} MiB: the part above the boot RAM ({mib - m.mem_mib} MiB) must be "
+                               f"a multiple of {mh.BLOCK_SIZE >> 20} MiB")
+            hp = self._hotplug_memory()
+            try:
+                hp.resize(extra)
+            except mh.MemoryHotplugError as exc:
+                raise VmmError(str(exc)) from exc
+            return self.memory_mib()
+
+    def _hotplug_memory(self) -> Any:
+        if self._memory_hotplug is None:
+            from katapy.vmm import memory_hotplug as mh
+            from katapy.vmm.boot import layout
+            from katapy.vmm.upcall import DeviceManagerClient, UpcallChannel
+
+            if self._upcall_uds is None:
+                raise VmmError("memory hotplug needs the upcall channel: no vsock socket set (set_upcall_socket)")
+            b = self._built
+            assert b is not None
+            m = self.resources.machine
+            boot_end = max(base + size for base, size in layout.ram_regions(m.mem_mib << 20))
+            limit = (m.max_mem_mib if m.max_mem_mib is not None else m.mem_mib) - m.mem_mib
+            self._upcall = UpcallChannel(self._upcall_uds)
+            self._memory_hotplug = mh.MemoryHotplug(b.vm, b.mem, boot_end, (limit << 20) // mh.BLOCK_SIZE * mh.BLOCK_SIZE,
+                                                    DeviceManagerClient(self._upcall))
+        return self._memory_hotplug
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
         """Block until the VM ends (None on timeout); the VMM keeps its resources until stop()."""

@@ -42,12 +42,16 @@ class MachineConfig:
     vcpus: int = 1
     mem_mib: int = 128
     irqchip: IrqChip = IrqChip.KERNEL
+    #: the most RAM the VM may have with hot-added memory (None: mem_mib, no memory hotplug)
+    max_mem_mib: int | None = None
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus={self.vcpus}: must be 1..{MAX_VCPUS}")
         if self.mem_mib < MIN_MEM_MIB:
             raise ConfigError(f"mem_mib={self.mem_mib}: must be at least {MIN_MEM_MIB}")
+        if self.max_mem_mib is not None and self.max_mem_mib < self.mem_mib:
+            raise ConfigError(f"max_mem_mib={self.max_mem_mib}: below mem_mib={self.mem_mib}")
 
 
 @dataclass

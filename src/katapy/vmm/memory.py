@@ -112,6 +112,51 @@ class GuestMemory:
             raise
         return cls(regions)
 
+    # -- hotplug (katapy.vmm.memory_hotplug) ----------------------------------
+    def add_region(self, base: int, size: int, name: str = "katapy-hotplug-ram") -> MemoryRegion:
+        """Allocate and map one more memfd-backed region at ``base`` (it must overlap nothing).
+
+        The region list is replaced, not mutated, so a device thread iterating
+        the old list in :meth:`find_region` sees either list, never half of one.
+        """
+        if size <= 0 or size % mmap.PAGESIZE or base % mmap.PAGESIZE:
+            raise GuestMemoryError(f"region {base:#x}+{size:#x} is not page-aligned and non-empty")
+        if any(int(r.guest_base) < base + size and base < r.guest_end for r in self.regions):
+            raise GuestMemoryError(f"region {base:#x}+{size:#x} overlaps guest RAM")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = MemoryRegion(GuestAddress(base), size, fd, 0, m, _host_address(m))
+        self.regions = sorted([*self.regions, region], key=lambda r: int(r.guest_base))
+        return region
+
+    def remove_region(self, base: int) -> MemoryRegion:
+        """Drop the region starting at ``base`` from guest RAM and give its pages back to the host.
+
+        The pages are released with MADV_REMOVE (the memfd's backing is punched
+        out) even if a device thread still holds a view of the mapping, which
+        then reads zeros; the mapping and the fd are closed when no view is left.
+        """
+        region = next((r for r in self.regions if int(r.guest_base) == base), None)
+        if region is None:
+            raise GuestMemoryError(f"no guest RAM region starts at {base:#x}")
+        self.regions = [r for r in self.regions if r is not region]
+        try:
+            region.mapping.madvise(mmap.MADV_REMOVE)
+        except (OSError, ValueError):
+            pass  # a closed mapping: nothing left to release
+        try:
+            region.mapping.close()
+        except BufferError:
+            pass  # a memoryview is still alive; the (now empty) mapping goes when it does
+        os.close(region.fd)
+        region.fd = -1
+        return region
+
     def close(self) -> None:
         if self._closed:
             return

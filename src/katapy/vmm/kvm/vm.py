@@ -42,6 +42,7 @@ class VmFd:
         self.fd = fd
         self.kvm = kvm
         self._next_slot = 0
+        self._free_slots: set[int] = set()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -70,6 +71,26 @@ class VmFd:
             self._next_slot += 1
             slots.append(slot)
         return slots
+
+    def add_memory_slot(self, guest_phys: int, size: int, host_addr: int) -> int:
+        """One more memory slot on a running VM (hot-added RAM); returns its number.
+
+        api.rst 4.35: a slot may be created while vCPUs run; slot numbers of removed slots are reused.
+        """
+        slot = min(self._free_slots) if self._free_slots else self._next_slot
+        self.set_user_memory_region(slot, guest_phys, size, host_addr)
+        if slot in self._free_slots:
+            self._free_slots.remove(slot)
+        else:
+            self._next_slot += 1
+        return slot
+
+    def remove_memory_slot(self, slot: int) -> None:
+        """Delete a slot (api.rst 4.35: ``memory_size`` 0 removes it); the guest must not be using it."""
+        if slot >= self._next_slot or slot in self._free_slots:
+            raise ValueError(f"memory slot {slot} is not in use")
+        self.set_user_memory_region(slot, 0, 0, 0)
+        self._free_slots.add(slot)
 
     # -- x86 housekeeping -------------------------------------------------
     def set_tss_addr(self, addr: int = KVM_TSS_ADDRESS) -> None:
