@@ -86,7 +86,9 @@ def resize_support(backend: str, max_vcpus: int) -> str:
         from katapy.hypervisor.builtin import BuiltinHypervisor as cls  # type: ignore[assignment]
     vcpus = (f"vCPUs 1..{max_vcpus} ([hypervisor] max_vcpus; all created at start, the guest onlines them)"
              if cls.vcpus_present_at_boot else "vCPUs: no")
-    return f"{vcpus}; memory: no ({cls.memory_hotplug_missing})"
+    memory = (f"memory: no ({cls.memory_hotplug_missing})" if cls.memory_hotplug_missing else
+              "memory: default_memory..max_memory in 128 MiB blocks (KVM slots + upcall ADD_MEM/DEL_MEM)")
+    return f"{vcpus}; {memory}"
 
 
 def probe() -> Report:

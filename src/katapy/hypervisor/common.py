@@ -36,6 +36,7 @@ class SandboxVm(Hypervisor):
         self._cold: list[Device] = []  # block/net devices added before start_vm
         self._times: dict[str, float] = {}
         self._vcpus: int | None = None  # set by resize_vcpus
+        self._memory: int | None = None  # MiB, set by resize_memory
 
     def _check_start(self, cfg: VmConfig) -> None:
         """Refuse a second start, missing boot files and a state directory that exists."""
@@ -100,8 +101,15 @@ class SandboxVm(Hypervisor):
         self._vcpus = n
         return n
 
+    @property
+    def memory_mib(self) -> int:
+        """The guest's RAM in MiB (boot: ``VmConfig.memory_mib``; then each resize_memory)."""
+        if self._memory is not None:
+            return self._memory
+        return self.cfg.memory_mib if self.cfg else 0
+
     async def resize_memory(self, mib: int) -> int:
-        current = self.cfg.memory_mib if self.cfg else 0
+        current = self.memory_mib
         if mib == current:
             return current
         raise UnsupportedError(f"resize_memory {current} -> {mib} MiB: {self.vmm_label} has no memory hotplug "

@@ -289,10 +289,10 @@ class ContainerManager:
         c = self.get(req.id)
         if c.init.status == t.TaskStatus.STOPPED:
             raise FailedPrecondition(f"container {req.id} is stopped")
-        # as Kata: the VM is resized first, then the container's cgroup; resources without a "cpu"
-        # section leave the container's CPU limit as it was
-        if "cpu" in req.resources and _sized_resources(c.spec) is not None:
-            await self.sandbox.resize_for(req.id, req.resources)
+        # as Kata: the VM is resized first (growing), then the container's cgroup; a section left out
+        # ("cpu", "memory") leaves that limit as it was
+        if ("cpu" in req.resources or "memory" in req.resources) and _sized_resources(c.spec) is not None:
+            await self.sandbox.resize_for(req.id, req.resources, update=True)
         await self.sandbox.agent.update_container(req.id, req.resources)
 
     async def stats(self, cid: str) -> t.Stats:

@@ -25,6 +25,7 @@ from katapy import log
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
 from katapy.resource.cpu import CpuResource, ResizeError, VcpuPolicy
+from katapy.resource.memory import MemoryPolicy, MemoryResource
 from katapy.resource.rootfs import GUEST_SHARED_DIR
 from katapy.shim.agent_log import AgentLogForwarder
 from katapy.shim.errors import FailedPrecondition, Unavailable
@@ -77,6 +78,7 @@ class SandboxManager:
         self._log = log.get("shim.sandbox", sandbox_id=sandbox_id)
         self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
         self.cpu: CpuResource | None = None  # the VM's vCPUs, sized from the containers' limits
+        self.memory: MemoryResource | None = None  # the VM's RAM, sized from the containers' limits
         self.agent_log: AgentLogForwarder | None = None  # the agent's log lines into this shim's log
         self._console: Path | None = None  # the VM's console log
 
@@ -137,6 +139,7 @@ class SandboxManager:
                                             storages=[share])
             self.times.create_sandbox_s = time.monotonic() - t0
             self.cpu = CpuResource(self._vcpu_policy(vmcfg, sizing), self.hypervisor, self.agent, self.sandbox_id)
+            self.memory = MemoryResource(self._memory_policy(vmcfg, sizing), self.hypervisor, self.sandbox_id)
             if self.network is not None:
                 await self.network.configure_guest(self.agent)
                 await self.network.forward_ports(self.nursery, self.hypervisor.agent_socket())
@@ -150,20 +153,32 @@ class SandboxManager:
                        agent_connect_s=round(self.times.agent_connect_s, 3),
                        create_sandbox_s=round(self.times.create_sandbox_s, 3))
 
+    def _memory_policy(self, vmcfg: Any, sizing: Any) -> MemoryPolicy:
+        base = self.config.hypervisor.default_memory
+        return MemoryPolicy(base=min(base, vmcfg.memory_mib), floor=vmcfg.memory_mib, max_mib=vmcfg.max_memory_mib)
+
     def _vcpu_policy(self, vmcfg: Any, sizing: Any) -> VcpuPolicy:
         """Boot size and base from the annotations' sizing (or the configuration), maximum from the VM."""
         base = sizing.base_vcpus if sizing is not None else self.config.hypervisor.default_vcpus
         return VcpuPolicy(base=min(base, vmcfg.vcpus), floor=vmcfg.vcpus, max_vcpus=vmcfg.max_vcpus)
 
-    async def resize_for(self, cid: str, resources: dict[str, Any] | None) -> None:
-        """Size the VM for ``cid``'s OCI resources (None: the container is gone); FailedPrecondition if not."""
+    async def resize_for(self, cid: str, resources: dict[str, Any] | None, update: bool = False) -> None:
+        """Size the VM for ``cid``'s OCI resources (None: the container is gone); FailedPrecondition if not.
+
+        On an ``update`` (UpdateTask) only the sections present change the VM, and a memory size the
+        backend cannot reach is an error; on create a backend without memory hotplug keeps its boot size."""
         if self.cpu is None:
             return
         try:
             if resources is None:
                 await self.cpu.remove_container(cid)
-            else:
+                if self.memory is not None:
+                    await self.memory.remove_container(cid)
+                return
+            if not update or "cpu" in resources:
                 await self.cpu.set_container(cid, resources)
+            if self.memory is not None and (not update or "memory" in resources):
+                await self.memory.set_container(cid, resources, strict=update)
         except ResizeError as exc:
             raise FailedPrecondition(f"container {cid}: {exc}") from None
 

@@ -71,7 +71,7 @@ class BuiltinHypervisor(SandboxVm):
     # every max_vcpus vCPU is created at start (the MP table lists them all); the guest boots with
     # maxcpus=<vcpus> and the APs beyond it stay in wait-for-SIPI, blocked in KVM_RUN, until onlined
     vcpus_present_at_boot = True
-    memory_hotplug_missing = "the built-in VMM adds no KVM memory slot after start (no memory upcall yet)"
+    memory_hotplug_missing = ""  # memory is hot-added through the upcall channel (katapy.vmm.memory_hotplug)
 
     def __init__(self, boot_protocol: str | None = None) -> None:
         """``boot_protocol``: "linux64" | "pvh" (katapy.vmm.boot.loader.BootProtocol); None = the VMM's default."""
@@ -107,7 +107,8 @@ class BuiltinHypervisor(SandboxVm):
 
     def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
         vmm = self._vmm = vmm_cls()
-        vmm.configure_machine(cfg.max_vcpus, cfg.memory_mib)
+        vmm.configure_machine(cfg.max_vcpus, cfg.memory_mib, max_mem_mib=cfg.max_memory_mib)
+        vmm.set_upcall_socket(cfg.vsock_path)  # the VMM's hybrid-vsock socket reaches the guest's upcall port
         from katapy.vmm.config import I8042_KERNEL_PARAMS
 
         cmdline = cfg.guest_cmdline(I8042_KERNEL_PARAMS)
@@ -127,6 +128,30 @@ class BuiltinHypervisor(SandboxVm):
         self._start_called = True  # from here on the VMM owns the devices (it closes them in stop())
         vmm.start()
         self._started = True
+
+    async def resize_memory(self, mib: int) -> int:
+        """Hot-add or remove RAM above the boot size (katapy.vmm.memory_hotplug: 128 MiB blocks, upcall
+        ADD_MEM/DEL_MEM to the guest); returns the guest's RAM after.  Range: memory_mib..max_memory_mib."""
+        if self.cfg is None:
+            raise HypervisorError(f"resize_memory {mib} MiB: the VM was never started")
+        lo, hi = self.cfg.memory_mib, self.cfg.max_memory_mib
+        if not lo <= mib <= hi:
+            raise HypervisorError(f"resize_memory {mib} MiB: out of range {lo}..{hi} MiB (boot memory .. "
+                                  f"[hypervisor] max_memory)")
+        self._need(f"resize_memory {mib} MiB", VmState.RUNNING)
+        if mib == self.memory_mib:
+            return mib
+        from katapy.vmm.api import VmmError
+
+        old = self.memory_mib
+        try:
+            got: int = await trio.to_thread.run_sync(self._vmm.resize_memory, mib)
+        except VmmError as exc:
+            self._memory = await trio.to_thread.run_sync(self._vmm.memory_mib)
+            raise HypervisorError(f"resize_memory {old} -> {mib} MiB: {exc}") from None
+        self._memory = got
+        _log.info("memory resized", sandbox=self.cfg.sandbox_id, old_mib=old, new_mib=got)
+        return got
 
     async def stop_vm(self) -> None:
         if not self._started:
