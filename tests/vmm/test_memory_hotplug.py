@@ -118,6 +118,16 @@ def test_unanswered_add_keeps_the_slots_and_a_refused_removal_keeps_them_too(par
     assert vm.slots == {}
 
 
+def test_a_request_that_never_left_is_undone_like_a_refusal(parts):
+    from katapy.vmm.upcall import UpcallConnectError
+
+    hp, mem, vm, guest = parts
+    guest.fail = UpcallConnectError("nothing listens on vsock port 219")  # sent=False: the guest saw nothing
+    with pytest.raises(mh.MemoryHotplugError, match="refused|never"):
+        hp.resize(mh.BLOCK_SIZE)
+    assert vm.slots == {} and hp.plugged == 0
+
+
 def test_bad_sizes_are_refused_before_anything_changes(parts):
     hp, mem, vm, guest = parts
     for bad in (mh.BLOCK_SIZE + MIB, 5 * mh.BLOCK_SIZE, -mh.BLOCK_SIZE):

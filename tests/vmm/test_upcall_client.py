@@ -268,6 +268,7 @@ def test_refusal_raises_errno_and_keeps_the_connection(uds, guests):
         ch.request(mem_req())
     assert ei.value.errno == errno.EBUSY
     assert ei.value.cpu_index is None
+    assert ei.value.sent and ei.value.request == mem_req()
     msg = str(ei.value)
     assert "ADD_MEM(base=0x100000000, size=0x8000000)" in msg and "EBUSY" in msg and os.strerror(errno.EBUSY) in msg
     assert ch.request(mem_req()).ok
@@ -291,9 +292,10 @@ def test_timeout_drops_the_connection_and_the_next_request_reconnects(uds, guest
     g = guests(uds, answer=lambda raw: next(answers)(raw))
     ch = UpcallChannel(uds, connect_timeout=1, request_timeout=0.3)
     t0 = time.monotonic()
-    with pytest.raises(UpcallTimeout, match=r"ADD_MEM\(.*did not answer within 0.3s"):
+    with pytest.raises(UpcallTimeout, match=r"ADD_MEM\(.*did not answer within 0.3s") as ei:
         ch.request(mem_req())
     assert 0.3 <= time.monotonic() - t0 < 1.0
+    assert ei.value.sent  # the guest may have acted
     assert not ch.connected
     assert g.conns[0].client_eof.wait(1), "the timed-out connection was not closed"
     assert ch.request(mem_req()).ok
@@ -322,6 +324,7 @@ def test_bad_replies_drop_the_connection(uds, guests, case):
     with pytest.raises(exc_type, match="ADD_MEM") as ei:
         ch.request(mem_req())
     assert text in str(ei.value)
+    assert ei.value.sent
     if exc_type is UpcallProtocolError:
         assert isinstance(ei.value.__cause__, wire.UpcallProtocolError)
         assert g.conns[0].client_eof.wait(1), "the client kept a connection that sent garbage"
@@ -362,6 +365,7 @@ def test_connect_gives_up_after_connect_timeout(uds, guests):
     assert 0.25 <= elapsed < 1.0
     tries = len(g.connect_lines)
     assert f"{tries} tries" in str(ei.value)
+    assert not ei.value.sent and ei.value.request == mem_req()
     assert 5 <= tries <= 0.3 / 0.010 + 2  # retried, ~every 10 ms, not busy-spinning
 
 
@@ -394,6 +398,7 @@ def test_bad_greeting_is_a_protocol_error(uds, guests, name):
     with pytest.raises(UpcallProtocolError, match="bad CONNECT greeting") as ei:
         ch.connect()
     assert isinstance(ei.value.__cause__, wire.UpcallProtocolError)
+    assert not ei.value.sent  # unlike a garbage reply: no request was written
     assert not ch.connected
     assert len(g.connect_lines) == 1
     assert g.conns[0].client_eof.wait(1)
@@ -440,8 +445,9 @@ def test_a_waiting_caller_gets_busy_after_its_timeout(uds, guests):
     first = threading.Thread(target=ch.request, args=(mem_req(),))
     first.start()
     time.sleep(0.05)
-    with pytest.raises(UpcallBusy, match=r"DEL_MEM.*ADD_MEM.*still in flight after 0.1s"):
+    with pytest.raises(UpcallBusy, match=r"DEL_MEM.*ADD_MEM.*still in flight after 0.1s") as ei:
         ch.request(wire.Request(wire.MsgType.DEL_MEM, wire.MemRequest(4 * GIB, 128 << 20)), timeout=0.1)
+    assert not ei.value.sent
     first.join(2)
     assert [wire.decode_request(r).type for r in g.requests] == [wire.MsgType.ADD_MEM]
     ch.close()
@@ -465,10 +471,11 @@ def test_close_wakes_a_request_in_flight_and_is_final(uds, guests):
     ch.close()
     t.join(2)
     assert time.monotonic() - t0 < 1.0
-    assert len(errs) == 1 and isinstance(errs[0], UpcallClosed)
+    assert len(errs) == 1 and isinstance(errs[0], UpcallClosed) and errs[0].sent
     assert not ch.connected
-    with pytest.raises(UpcallClosed):
+    with pytest.raises(UpcallClosed) as ei:
         ch.request(mem_req())
+    assert not ei.value.sent
 
 
 # -- no fd leaks ----------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ class Vmm:
             m = self.resources.machine
             boot_end = max(base + size for base, size in layout.ram_regions(m.mem_mib << 20))
             limit = (m.max_mem_mib if m.max_mem_mib is not None else m.mem_mib) - m.mem_mib
-            self._upcall = UpcallChannel(self._upcall_uds)
+            # onlining or offlining up to max_memory's blocks takes seconds in a slow (nested) guest
+            self._upcall = UpcallChannel(self._upcall_uds, connect_timeout=30.0, request_timeout=120.0)
             self._memory_hotplug = mh.MemoryHotplug(b.vm, b.mem, boot_end, (limit << 20) // mh.BLOCK_SIZE * mh.BLOCK_SIZE,
                                                     DeviceManagerClient(self._upcall))
         return self._memory_hotplug

@@ -69,10 +69,11 @@ def window_base(boot_ram_end: int) -> int:
 
 
 def _refused(exc: BaseException) -> bool:
-    """True when the guest answered with an errno (so it did not change anything), not timed out or vanished."""
-    from katapy.vmm.upcall import UpcallRefused
+    """True when the guest did not change anything: it answered with an errno, or the request never left
+    (a connect failure, a bad greeting, a busy channel: ``UpcallError.sent`` is False)."""
+    from katapy.vmm.upcall import UpcallError, UpcallRefused
 
-    return isinstance(exc, UpcallRefused)
+    return isinstance(exc, UpcallRefused) or (isinstance(exc, UpcallError) and not exc.sent)
 
 
 class MemoryHotplug:
@@ -128,8 +129,8 @@ class MemoryHotplug:
         except Exception as exc:
             if _refused(exc):
                 self._release(new)
-                raise MemoryHotplugError(f"the guest refused {count * BLOCK_SIZE >> 20} MiB at {first:#x}: {exc}; "
-                                         f"the slots were removed") from exc
+                raise MemoryHotplugError(f"the guest refused or never got ADD_MEM of {count * BLOCK_SIZE >> 20} MiB "
+                                         f"at {first:#x}: {exc}; the slots were removed") from exc
             self.blocks += new  # in doubt: the guest may have onlined them, so they stay
             raise MemoryHotplugError(f"adding {count * BLOCK_SIZE >> 20} MiB at {first:#x}: no answer from the guest "
                                      f"({exc}); the memory stays plugged") from exc

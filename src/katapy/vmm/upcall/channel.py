@@ -175,9 +175,10 @@ class UpcallChannel:
             self._drop()
         self._lock.release()
 
-    def _check_open(self, what: str, req: wire.Request | None) -> None:
+    def _check_open(self, what: str, req: wire.Request | None, sent: bool = False) -> None:
         if self._closed:
-            raise UpcallClosed(f"upcall {what}: the channel is closed", request=req)
+            raise UpcallClosed(f"upcall {what}: the channel is closed" + (" while the request was in flight"
+                                                                         if sent else ""), request=req, sent=sent)
 
     def _drop(self) -> None:
         with self._state:
@@ -258,20 +259,20 @@ class UpcallChannel:
                 buf = _recv_exact(sock, wire.MSG_SIZE, deadline)
             except TimeoutError:
                 raise UpcallTimeout(f"upcall {what}: the guest did not answer within {t:g}s; connection dropped",
-                                    request=req) from None
+                                    request=req, sent=True) from None
             except _ShortRead as exc:
-                self._check_open(what, req)
+                self._check_open(what, req, sent=True)
                 raise UpcallConnectionLost(f"upcall {what}: the guest closed the connection after {exc.got} of "
-                                           f"{wire.MSG_SIZE} reply bytes", request=req) from None
+                                           f"{wire.MSG_SIZE} reply bytes", request=req, sent=True) from None
             except OSError as exc:
-                self._check_open(what, req)
+                self._check_open(what, req, sent=True)
                 raise UpcallConnectionLost(f"upcall {what}: connection lost: {exc.strerror or exc}",
-                                           request=req) from exc
+                                           request=req, sent=True) from exc
             try:
                 return wire.decode_reply(buf, req.type)
             except wire.UpcallProtocolError as exc:
                 raise UpcallProtocolError(f"upcall {what}: bad reply from the guest: {exc}; connection dropped",
-                                          request=req) from exc
+                                          request=req, sent=True) from exc
         except BaseException:
             self._drop()
             raise

@@ -8,6 +8,13 @@ leave the connection usable:
 * every other error drops the connection (a late or partial answer would
   desynchronise the strict request/response stream of dbs-upcall); the next
   request reconnects, except after :class:`UpcallClosed`.
+
+``sent`` tells a caller whether the guest may have acted: True once the
+request was (even partly) written, so after a timeout, a lost connection or a
+garbage reply the outcome is in doubt (a refusal is sent too, but the guest
+says it changed nothing); False when nothing was written (connect failures, a
+bad greeting, :class:`UpcallBusy`, a closed channel), so the guest cannot have
+acted.
 """
 from __future__ import annotations
 
@@ -30,11 +37,16 @@ def describe(req: wire.Request) -> str:
 
 
 class UpcallError(RuntimeError):
-    """Base of the upcall client's errors; ``request`` is the request concerned (None for a bare connect)."""
+    """Base of the upcall client's errors.
 
-    def __init__(self, message: str, *, request: wire.Request | None = None) -> None:
+    ``request``: the request concerned (None for a bare connect); ``sent``:
+    whether it was written to the guest (see the module docstring).
+    """
+
+    def __init__(self, message: str, *, request: wire.Request | None = None, sent: bool = False) -> None:
         super().__init__(message)
         self.request = request
+        self.sent = sent
 
 
 class UpcallConnectError(UpcallError):
@@ -79,6 +91,6 @@ class UpcallRefused(UpcallError):
         msg = f"upcall {describe(request)}: the guest refused: {name} ({os.strerror(errno)})"
         if cpu_index is not None:
             msg += f"; first failed CPU index {cpu_index}"
-        super().__init__(msg, request=request)
+        super().__init__(msg, request=request, sent=True)
         self.errno = errno
         self.cpu_index = cpu_index
