@@ -105,7 +105,7 @@ def test_refusal_undoes_the_new_slots(parts):
 
 def test_unanswered_add_keeps_the_slots_and_a_refused_removal_keeps_them_too(parts):
     hp, mem, vm, guest = parts
-    guest.fail = UpcallTimeout("ADD_MEM: no answer within 0.1 s")
+    guest.fail = UpcallTimeout("ADD_MEM: no answer within 0.1 s", sent=True)
     with pytest.raises(mh.MemoryHotplugError, match="stays plugged"):
         hp.resize(mh.BLOCK_SIZE)
     assert hp.plugged == mh.BLOCK_SIZE and len(vm.slots) == 1  # the guest may have onlined it
