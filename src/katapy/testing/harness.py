@@ -156,7 +156,7 @@ def run_in_kvm_vm(
     cmd: str | list[str],
     timeout: float = 600,
     workdir: Path | None = None,
-    memory_mib: int = 4096,
+    memory_mib: int = 2048,
     cpus: int = int(os.environ.get("KATAPY_HARNESS_CPUS", "2")),
     stream: bool = False,
     files: dict[str, bytes] | None = None,
@@ -254,7 +254,7 @@ def _result(console: str, seconds: float, timed_out: bool, qemu_rc: int) -> Harn
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="katapy harness", description="Run a command inside the nested KVM harness VM.")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--memory", type=int, default=4096, help="L1 memory in MiB")
+    p.add_argument("--memory", type=int, default=2048, help="L1 memory in MiB")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="command (after --)")
     a = p.parse_args(argv)
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
