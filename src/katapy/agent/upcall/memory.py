@@ -69,6 +69,18 @@ def _blocks(sysfs: MemorySysfs, base: int, size: int) -> list[int]:
     return [a // bs for a in range(base, base + size, bs)]
 
 
+def _undo(sysfs: MemorySysfs, blocks: list[int], state: str, failure: MemoryHotplugFailed) -> None:
+    """Put ``blocks`` back in ``state``; a block that will not go back is named in ``failure``'s message."""
+    stuck = []
+    for n in reversed(blocks):
+        try:
+            sysfs.set_state(n, state)
+        except MemoryHotplugFailed:
+            stuck.append(n)
+    if stuck:
+        failure.args = (f"{failure.args[0]}; and memory{', memory'.join(map(str, stuck))} did not go back to {state}",)
+
+
 def add_memory(sysfs: MemorySysfs, base: int, size: int) -> None:
     """Probe (when the kernel does not know them yet) and online every block of the range."""
     blocks = _blocks(sysfs, base, size)
@@ -83,12 +95,8 @@ def add_memory(sysfs: MemorySysfs, base: int, size: int) -> None:
             if sysfs.state(n) != "online":
                 sysfs.set_state(n, "online_movable")
                 onlined.append(n)
-    except MemoryHotplugFailed:
-        for n in reversed(onlined):
-            try:
-                sysfs.set_state(n, "offline")
-            except MemoryHotplugFailed:
-                pass
+    except MemoryHotplugFailed as exc:
+        _undo(sysfs, onlined, "offline", exc)
         raise
 
 
@@ -102,10 +110,6 @@ def remove_memory(sysfs: MemorySysfs, base: int, size: int) -> None:
                 continue
             sysfs.set_state(n, "offline")
             offlined.append(n)
-    except MemoryHotplugFailed:
-        for n in reversed(offlined):
-            try:
-                sysfs.set_state(n, "online_movable")
-            except MemoryHotplugFailed:
-                pass
+    except MemoryHotplugFailed as exc:
+        _undo(sysfs, offlined, "online_movable", exc)
         raise
