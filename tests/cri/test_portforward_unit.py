@@ -10,6 +10,7 @@ server listens.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -184,8 +185,10 @@ def test_a_vsock_that_does_not_answer_resets_the_connection(netns: str, echo_por
         async with trio.open_nursery() as nursery:
             fwd = pf.PortForwarder("sb-novmm", path, tmp_path / "no-vmm.sock")
             await nursery.start(fwd.run)
-            with pytest.raises(ConnectionResetError):
+            with pytest.raises(OSError) as reset:
                 await trio.to_thread.run_sync(_exchange, path, echo_port, b"x")
+            # the RST may land before our half-close (ENOTCONN, EPIPE) or during the read (ECONNRESET)
+            assert reset.value.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE), reset.value
             await fwd.stop()
 
     trio.run(main)

@@ -105,16 +105,21 @@ def _harness_pytest(nodeids: list[str]) -> tuple[dict[str, InnerOutcome], float,
 
     py = os.path.relpath(sys.executable, paths.REPO_ROOT) if sys.executable.startswith(str(paths.REPO_ROOT)) else sys.executable
     args = " ".join(f"'{n}'" for n in nodeids)
-    cmd = f"{py} -m pytest -p no:cacheprovider -q -rA --junitxml=/run/katapy-harness/junit.xml {args}"
+    # -v: each test's node id reaches the console as it starts, so a lost boot names the test it died in
+    cmd = f"{py} -m pytest -p no:cacheprovider -v -rA --junitxml=/run/katapy-harness/junit.xml {args}"
     result = run_in_kvm_vm(cmd, timeout=_harness_timeout())
     outcomes: dict[str, InnerOutcome] = {}
     junit = result.files.get("junit.xml")
     if junit:
         outcomes = _parse_junit(junit.decode(errors="replace"), nodeids)
     if not outcomes:
-        tail = "\n".join(result.output.splitlines()[-60:])
+        lines = result.output.splitlines()
+        tail = "\n".join(lines[-60:])
+        started = [ln.split()[0] for ln in lines if ln.startswith("tests/") and "::" in ln]
+        where = f"; the last test it started: {started[-1]} ({len(started)} started)" if started else ""
         for n in nodeids:
-            outcomes[n] = InnerOutcome(LOST, f"the harness run gave no results (exit {result.returncode}):\n{tail}")
+            outcomes[n] = InnerOutcome(LOST, f"the harness run gave no results (exit {result.returncode}, "
+                                             f"{result.seconds:.0f} s{where}):\n{tail}")
     return outcomes, result.seconds, [c.describe() for c in result.l1_caught]
 
 
