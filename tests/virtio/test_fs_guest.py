@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 
 import pytest
+
+from katapy.testing import fds
 
 from .conftest import FS_TAG, Guest
 
@@ -92,20 +93,13 @@ def test_10000_entry_listing(fs: Guest):
     d.mkdir()
     for i in range(10000):
         (d / f"f{i:05d}").touch()
-    before = _open_fds()
+    before = fds.snapshot()
     out = fs.sh(f"ls {MNT}/many | wc -l; ls {MNT}/many | tail -1", timeout=300)
     assert out.split()[:2] == ["10000", "f09999"]
     # the server (in this process) holds an O_PATH fd per inode the guest knows; once the guest
     # evicts them it sends FORGET (FUSE_FORGET / FUSE_BATCH_FORGET) and every one must be closed
     fs.sh("sync; echo 2 > /proc/sys/vm/drop_caches", timeout=120)
-    deadline = time.monotonic() + 30
-    while _open_fds() > before + 100 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _open_fds() <= before + 100, f"{_open_fds() - before} fds still held after the guest forgot the entries"
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    fds.wait_released(before, timeout=30)
 
 
 def test_escape_attempts_fail(fs: Guest, tmp_path):
