@@ -147,12 +147,12 @@ def main(argv: list[str]) -> int:
             Forwarder(listen(f"vsock:{PORT_FORWARD_PORT}")).start()
         except OSError as exc:  # e.g. katapy.agent_port=1026: the agent's API matters more
             log.error("port forwarding not served", port=PORT_FORWARD_PORT, error=str(exc))
-        from katapy.agent.upcall.server import serve_vsock
+        from katapy.agent.upcall.server import UPCALL_PORT, UpcallServer
 
-        try:
-            serve_vsock(log.info)  # the VMM's hotplug requests (docs/protocols.md §8)
-        except OSError as exc:
-            log.error("upcall not served", error=str(exc))
+        try:  # the VMM's hotplug requests (katapy.agent.upcall); the wire format loads on first connect
+            UpcallServer(listen(f"vsock:{UPCALL_PORT}")).start()
+        except OSError as exc:  # without it hotplug fails on the host side; the agent's API matters more
+            log.error("upcall not served", port=UPCALL_PORT, error=str(exc))
     ready = f"port={where}" if kind == "vsock" else f"listen={listen_spec}"
     print(f"katapy-agent: ready {ready}", flush=True)
     log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init, uptime_s=_uptime())
