@@ -46,7 +46,7 @@ class Vmm:
         self._vcpus: list[VcpuThread] = []
         self._halted: set[int] = set()
         self._upcall_uds: Path | None = None
-        self._upcall: Any = None  # katapy.vmm.upcall.UpcallChannel, opened on the first hotplug
+        self._upcall: Any = None  # katapy.vmm.upcall.DeviceManagerClient, opened on the first hotplug
         self._memory_hotplug: Any = None  # katapy.vmm.memory_hotplug.MemoryHotplug
 
     # -- configuration (before start) -----------------------------------------
@@ -185,23 +185,32 @@ class Vmm:
                 raise VmmError(str(exc)) from exc
             return self.memory_mib()
 
+    def _device_manager(self, what: str) -> Any:
+        """The guest's upcall device-manager service (``katapy.vmm.upcall.DeviceManagerClient``), one channel
+        shared by every kind of hotplug; opened on first use.  ``what`` names the caller for the error."""
+        if self._upcall is None:
+            from katapy.vmm.upcall import DeviceManagerClient, UpcallChannel
+
+            if self._upcall_uds is None:
+                raise VmmError(f"{what} needs the upcall channel: no vsock socket set (set_upcall_socket)")
+            # onlining or offlining up to max_memory's blocks takes seconds in a slow (nested) guest
+            self._upcall = DeviceManagerClient(
+                UpcallChannel(self._upcall_uds, connect_timeout=30.0, request_timeout=120.0))
+        return self._upcall
+
     def _hotplug_memory(self) -> Any:
         if self._memory_hotplug is None:
             from katapy.vmm import memory_hotplug as mh
             from katapy.vmm.boot import layout
-            from katapy.vmm.upcall import DeviceManagerClient, UpcallChannel
 
-            if self._upcall_uds is None:
-                raise VmmError("memory hotplug needs the upcall channel: no vsock socket set (set_upcall_socket)")
+            upcall = self._device_manager("memory hotplug")
             b = self._built
             assert b is not None
             m = self.resources.machine
             boot_end = max(base + size for base, size in layout.ram_regions(m.mem_mib << 20))
             limit = (m.max_mem_mib if m.max_mem_mib is not None else m.mem_mib) - m.mem_mib
-            # onlining or offlining up to max_memory's blocks takes seconds in a slow (nested) guest
-            self._upcall = UpcallChannel(self._upcall_uds, connect_timeout=30.0, request_timeout=120.0)
             self._memory_hotplug = mh.MemoryHotplug(b.vm, b.mem, boot_end, (limit << 20) // mh.BLOCK_SIZE * mh.BLOCK_SIZE,
-                                                    DeviceManagerClient(self._upcall))
+                                                    upcall)
         return self._memory_hotplug
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
