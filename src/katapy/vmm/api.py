@@ -34,6 +34,12 @@ class VmmError(RuntimeError):
 
 
 class Vmm:
+    #: how long the first hotplug waits for the guest's upcall server to listen (it starts with the agent)
+    upcall_connect_timeout_s = 30.0
+    #: how long one upcall request waits for the guest's answer: onlining or offlining up to max_memory's
+    #: blocks takes seconds in a slow (nested) guest
+    upcall_request_timeout_s = 120.0
+
     def __init__(self) -> None:
         self.resources = VmResources()
         self._outputs: list[Callable[[bytes], None]] = []
@@ -193,9 +199,9 @@ class Vmm:
 
             if self._upcall_uds is None:
                 raise VmmError(f"{what} needs the upcall channel: no vsock socket set (set_upcall_socket)")
-            # onlining or offlining up to max_memory's blocks takes seconds in a slow (nested) guest
-            self._upcall = DeviceManagerClient(
-                UpcallChannel(self._upcall_uds, connect_timeout=30.0, request_timeout=120.0))
+            self._upcall = DeviceManagerClient(UpcallChannel(
+                self._upcall_uds, connect_timeout=self.upcall_connect_timeout_s,
+                request_timeout=self.upcall_request_timeout_s))
         return self._upcall
 
     def _hotplug_memory(self) -> Any:
