@@ -1,6 +1,8 @@
 """Shared reporting for benchmarks: every number is a ratio against a reference measured in the same run."""
 from __future__ import annotations
 
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -49,3 +51,28 @@ def report(c: Comparison) -> None:
 
 def header(title: str) -> None:
     print(f"\n== {title} ==", file=sys.stdout, flush=True)
+
+
+def hardware_kvm_missing() -> str | None:
+    """None on hardware-style KVM; else this host's KVM flavour (e.g. kvm-pvm), which cannot run Linux guests."""
+    from katapy.vmm.kvm.host import kvm_flavor
+
+    flavor = kvm_flavor()
+    return None if flavor.startswith("hardware") else flavor
+
+
+def in_harness(module: str, argv: list[str], timeout: float) -> int:
+    """Re-run ``python -m benchmarks.<module> --here ARGV`` inside the nested KVM harness; its exit code."""
+    from pathlib import Path
+
+    from katapy.testing import harness
+
+    ok, why = harness.available()
+    if not ok:
+        print(f"{module}: needs hardware-style KVM or the nested harness: {why}")
+        return 2
+    py = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) else sys.executable
+    cmd = f"{py} -m benchmarks.{module} --here {shlex.join(argv)}"
+    print(f"(running inside the nested KVM harness: {cmd})", flush=True)
+    r = harness.run_in_kvm_vm(cmd, timeout=timeout, stream=True)
+    return r.returncode if r.returncode >= 0 else 1

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import Comparison, header, report
+from benchmarks.common import Comparison, hardware_kvm_missing, header, in_harness, report
 
 COMMAND = "python -m benchmarks.vmm_boot"
 HERE = Path(__file__).parent / "vmm"
@@ -170,27 +170,6 @@ def qemu_boot(kernel: Path, initrd: Path) -> float:
 
 
 # -- driver --------------------------------------------------------------------------------------------
-def _hardware_kvm() -> str | None:
-    from katapy.vmm.kvm.host import kvm_flavor
-
-    flavor = kvm_flavor()
-    return None if flavor.startswith("hardware") else flavor
-
-
-def _in_harness(argv: list[str]) -> int:
-    from katapy.testing import harness
-
-    ok, why = harness.available()
-    if not ok:
-        print(f"vmm_boot: needs hardware-style KVM or the nested harness: {why}")
-        return 2
-    py = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) else sys.executable
-    cmd = f"{py} -m benchmarks.vmm_boot --here {shlex.join(argv)}"
-    print(f"(running inside the nested KVM harness: {cmd})", flush=True)
-    r = harness.run_in_kvm_vm(cmd, timeout=3000, stream=True)
-    return r.returncode if r.returncode >= 0 else 1
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=COMMAND)
     p.add_argument("--runs", type=int, default=2, help="Linux boots per VMM")
@@ -198,12 +177,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--exits", type=int, default=20000, help="MMIO exits per run")
     p.add_argument("--here", action="store_true", help="never delegate to the nested harness")
     a = p.parse_args(argv)
-    not_hw = _hardware_kvm()
+    not_hw = hardware_kvm_missing()
     if not_hw and os.environ.get("KATAPY_IN_HARNESS") != "1":
         if a.here:
             print(f"vmm_boot: this host's KVM is {not_hw}: Linux guests cannot run on it (drop --here)")
             return 2
-        return _in_harness([x for x in argv if x != "--here"])
+        return in_harness("vmm_boot", [x for x in argv if x != "--here"], timeout=3000)
     for tool in ("as", "ld", "objcopy", "gcc", QEMU):
         if shutil.which(tool) is None:
             print(f"vmm_boot: {tool} is not installed")

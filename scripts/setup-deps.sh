@@ -3,7 +3,7 @@
 set -euo pipefail
 PKGS=(containerd runc crun qemu-system-x86 linux-source-6.1 build-essential flex bison bc
       libelf-dev libssl-dev libffi-dev busybox-static cpio e2fsprogs erofs-utils
-      containernetworking-plugins iproute2 iptables kmod python3-venv)
+      containernetworking-plugins iproute2 iptables kmod python3-venv prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,6 +15,8 @@ from katapy.shim.errors import InvalidArgument
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"  # containerd pkg/cri/annotations (1.6): the pod's name
+SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 RUNC_GROUP = "io.containerd.runc.v2.group"
 MAX_CONFIG_BYTES = 16 << 20
 

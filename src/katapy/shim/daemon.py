@@ -36,7 +36,11 @@ async def serve(args: ShimArgs, listener: socket.socket) -> None:
         handler = VirtContainer(publisher.publish, nursery)
         dispatcher = Dispatcher(handler)
         server = Server()
-        TaskService(dispatcher).register(server)
+        service = TaskService(dispatcher)
+        service.register(server)
+        from katapy.shim.metrics import ShimMetrics
+
+        nursery.start_soon(ShimMetrics(handler, service.requests).run, handler.sandbox_started)
         nursery.start_soon(server.serve_unix, listener)
         logger.info("shim serving", pid=os.getpid(), socket=args.socket, events=ttrpc_address)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -24,6 +24,8 @@ class SandboxRecord:
     shim_pid: int = 0
     vmm_pid: int = 0
     containers: list[str] = field(default_factory=list)
+    pod_name: str = ""  # CRI's io.kubernetes.cri.sandbox-name, when the sandbox is a pod
+    pod_namespace: str = ""  # io.kubernetes.cri.sandbox-namespace
 
     def save(self) -> None:
         d = Path(self.sandbox_dir)

@@ -9,6 +9,7 @@ runtime options Any must be ``runtimeoptions.v1.Options`` (or absent).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,11 @@ class TaskService:
     """Registers the 17 Task methods on a katapy.ttrpc Server."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
+        from katapy.metrics.requests import RequestStats
+
         self.dispatcher = dispatcher
         self._log = log.get("shim.service")
+        self.requests = RequestStats("katapy_shim_task", "Task API requests containerd sent the shim")
 
     def methods(self) -> dict[str, tuple[type, Callable[[Any, Any], Awaitable[Any]]]]:
         return {
@@ -149,14 +153,18 @@ class TaskService:
         server.register(SERVICE, self.methods())
 
     async def _call(self, name: str, make: Callable[[], t.TaskRequest]) -> t.TaskResponse:
+        t0 = time.monotonic()
         try:
             req = make()
-            return await self.dispatcher.handle(req)
+            res = await self.dispatcher.handle(req)
         except Exception as exc:
+            self.requests.observe(name, False, time.monotonic() - t0)
             err = to_ttrpc_error(exc)
             level = "error" if err.code not in (terr.Code.NOT_FOUND,) else "info"
             getattr(self._log, level)("task request failed", method=name, code=err.code_name, error=err.message)
             raise err from exc
+        self.requests.observe(name, True, time.monotonic() - t0)
+        return res
 
     async def create(self, r: pb.CreateTaskRequest, ctx: Any) -> pb.CreateTaskResponse:
         res = await self._call("Create", lambda: create_task(r))

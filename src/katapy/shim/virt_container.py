@@ -47,6 +47,7 @@ class VirtContainer:
         self.sandbox: SandboxManager | None = None
         self.containers: ContainerManager | None = None
         self.sandbox_container_id = ""
+        self.sandbox_started = trio.Event()  # set once the sandbox VM runs with its first container
         self._creating = trio.Lock()
         self._log = log.get("shim.virt_container")
 
@@ -95,6 +96,9 @@ class VirtContainer:
 
         sizing = sandbox_sizing(spec.get("annotations") or {}, config.hypervisor)
         sandbox = SandboxManager(bundle_mod.sandbox_id(spec, req.id), config, self.nursery)
+        ann = bundle_mod.annotations(spec)  # a CRI pod names itself (katapy monitor labels its metrics with it)
+        sandbox.record.pod_name = ann.get(bundle_mod.SANDBOX_NAME, "")
+        sandbox.record.pod_namespace = ann.get(bundle_mod.SANDBOX_NAMESPACE, "")
         from katapy.resource.etc_files import dns_from_spec, hostname_for
 
         await sandbox.start(hostname=hostname_for(spec, req.id), dns=dns_from_spec(spec),
@@ -108,6 +112,7 @@ class VirtContainer:
                 await sandbox.stop()
             raise
         self.sandbox, self.containers, self.sandbox_container_id = sandbox, containers, req.id
+        self.sandbox_started.set()
         self.nursery.start_soon(sandbox.watch_vm, self._vm_lost)
         self.nursery.start_soon(sandbox.watch_oom, self._oom)
         return pid
