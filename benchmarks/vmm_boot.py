@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shlex
 import shutil
 import subprocess
 import sys
