@@ -3,8 +3,12 @@ configured backend (QEMU microvm under TCG on this host), Debian's promtool on w
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +29,13 @@ def _value(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{series} not in:\n{text}")
+
+
+def _value_label(text: str, family: str, label: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(family + "{"):
+            return line.split(f'{label}="', 1)[1].split('"', 1)[0]
+    raise AssertionError(f"{family} not in:\n{text}")
 
 
 def test_a_running_sandbox_is_scraped_and_leaves_with_its_socket(containerd: PrivateContainerd) -> None:
@@ -57,6 +68,44 @@ def test_a_running_sandbox_is_scraped_and_leaves_with_its_socket(containerd: Pri
         assert _value(text_s, f'katapy_shim_task_requests_total{{method="Create",outcome="ok",sandbox_id="{CID}"}}') == 1
         assert _value(text_s, f'katapy_hypervisor_boot_seconds{{phase="vm_start",sandbox_id="{CID}"}}') > 0
         assert _value(text_s, f"katapy_monitor_scrape_up{lab}") == 1
+        # katapy sandbox list / inspect read the same record and endpoint
+        katapy = [sys.executable, "-m", "katapy.cli", "sandbox"]
+        listed = subprocess.run([*katapy, "list", "--state-dir", str(c.katapy_state)], capture_output=True,
+                                text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        row = next(ln.split() for ln in listed.stdout.splitlines() if ln.startswith(CID))
+        assert row[2] == "running" and row[3] == str(int(_value(text_s, f"katapy_hypervisor_vcpus{lab}"))), row
+        inspected = subprocess.run([*katapy, "inspect", CID, "--state-dir", str(c.katapy_state)],
+                                   capture_output=True, text=True, timeout=60)
+        assert inspected.returncode == 0, inspected.stderr
+        info = json.loads(inspected.stdout)
+        assert info["id"] == CID and info["state"] == "running" and info["shim_alive"] and info["uptime_s"] > 0
+        assert info["hypervisor"] == _value_label(text_s, "katapy_sandbox_info", "hypervisor")
+        assert CID in info["containers"]
+
+        # the guest's own figures, through the agent's GetMetrics
+        assert _value(text_s, f"katapy_guest_up{lab}") == 1
+        assert _value(text_s, f'katapy_guest_meminfo_bytes{{item="MemTotal",sandbox_id="{CID}"}}') > 32 << 20
+        assert _value(text_s, f"katapy_agent_threads{lab}") >= 1
+        assert f'katapy_guest_cpu_seconds_total{{cpu="0",mode="idle",sandbox_id="{CID}"}}' in text_s
+
+        # a guest that does not answer (its VMM stopped): the scrape is bounded and reports the guest down
+        record = json.loads((c.katapy_state / CID / "sandbox.json").read_text())
+        if record["vmm_pid"] and record["vmm_pid"] != record["shim_pid"]:
+            os.kill(record["vmm_pid"], signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                frozen = mon.render().decode()
+                assert time.monotonic() - t0 < 2.0 + 1.0
+            finally:
+                os.kill(record["vmm_pid"], signal.SIGCONT)
+            assert _value(frozen, f"katapy_monitor_scrape_up{lab}") == 1
+            assert _value(frozen, f"katapy_guest_up{lab}") == 0
+            assert "katapy_guest_meminfo_bytes" not in frozen
+            deadline = time.monotonic() + 30  # the agent connection survived the late answer
+            while _value(mon.render().decode(), f"katapy_guest_up{lab}") != 1:
+                assert time.monotonic() < deadline, "the guest never answered again after SIGCONT"
+                time.sleep(0.5)
 
         # scrapes while the sandbox is torn down: every one ends in bounded time, none fails
         took: list[float] = []

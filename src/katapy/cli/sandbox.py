@@ -1,4 +1,5 @@
-"""`katapy sandbox run --health`: boot a sandbox VM, check its agent, print the timings, stop it.
+"""`katapy sandbox run --health`: boot a sandbox VM, check its agent, print the timings, stop it;
+`katapy sandbox list` / `inspect ID`: the sandboxes the shims run on this host (katapy.cli.sandbox_list).
 
 The quickest end-to-end check of a host: the configured backend (or
 ``--hypervisor``) starts the VM with the configured guest kernel and image;
@@ -60,6 +61,21 @@ def _print(report: dict[str, Any]) -> None:
         print(report["console"].rstrip())
 
 
+def _list_or_inspect(args: argparse.Namespace) -> int:
+    from katapy.cli import sandbox_list
+
+    state_dir = args.state_dir or Path(config.load(check_files=False).runtime.state_dir)
+    if args.cmd == "list":
+        sandbox_list.print_table(sandbox_list.sandboxes(state_dir))
+        return 0
+    d = state_dir / args.id
+    if "/" in args.id or args.id in ("", ".", "..") or not (d / "sandbox.json").is_file():
+        print(f"katapy sandbox inspect: no sandbox {args.id!r} in {state_dir}", file=sys.stderr)
+        return 1
+    print(sandbox_list.as_json(sandbox_list.inspect(d)))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="katapy sandbox", description="start a sandbox VM and talk to its agent")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -71,7 +87,14 @@ def main(argv: list[str]) -> int:
     run.add_argument("--shared-fs", choices=config.SHARED_FS, help="override [hypervisor] shared_fs")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.add_argument("--console", action="store_true", help="also print the guest console")
+    ls = sub.add_parser("list", help="the sandboxes running on this host")
+    ins = sub.add_parser("inspect", help="one running sandbox, as JSON")
+    ins.add_argument("id")
+    for p in (ls, ins):
+        p.add_argument("--state-dir", type=Path, help="the shims' state directory (default: [runtime] state_dir)")
     args = ap.parse_args(argv)
+    if args.cmd in ("list", "inspect"):
+        return _list_or_inspect(args)
     log.configure("debug" if "-v" in argv else "warning")
     try:
         report = trio.run(run_health, args)

@@ -8,7 +8,8 @@ request counts.  ``katapy monitor`` aggregates the sockets of every shim.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,11 +22,15 @@ if TYPE_CHECKING:
 
 _log = log.get("shim.metrics")
 
+#: how long a scrape waits for the guest agent's GetMetrics
+GUEST_TIMEOUT_S = 1.0
+
 
 class ShimMetrics:
     def __init__(self, handler: VirtContainer, requests: RequestStats) -> None:
         self.handler = handler
         self.requests = requests
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def sample(self) -> SandboxSample | None:
         from katapy.hypervisor.base import VmState
@@ -46,15 +51,57 @@ class ShimMetrics:
             containers=len(containers.containers) if containers is not None else 0,
             shim_pid=os.getpid(), vmm_pid=sb.vmm_pid, boot_seconds={k: v for k, v in boot.items() if v})
 
+    def guest(self) -> list[Any]:
+        """``katapy_guest_up`` and, when the agent answered in time with acceptable text, its families."""
+        from katapy.metrics import guest
+
+        text = self._ask_agent()
+        if text is None:
+            return [guest.up(False)]
+        try:
+            fams = guest.parse(text)
+        except guest.GuestMetricsError as exc:
+            _log.warning("guest metrics refused", error=str(exc))
+            return [guest.up(False)]
+        return [guest.up(True), *fams]
+
+    def _ask_agent(self) -> str | None:
+        """GetMetrics through the shim's trio loop, waited for at most GUEST_TIMEOUT_S + a margin from this
+        (the endpoint's) thread, whatever state the loop or the guest is in."""
+        sb, token = self.handler.sandbox, self._token
+        if sb is None or sb.agent is None or token is None:
+            return None
+        agent = sb.agent
+        done = threading.Event()
+        result: list[str] = []
+
+        async def call() -> None:
+            try:
+                with trio.move_on_after(GUEST_TIMEOUT_S):
+                    result.append(await agent.get_metrics(timeout=GUEST_TIMEOUT_S))
+            except Exception as exc:  # a dead or garbled agent: no guest figures this time
+                _log.debug("guest metrics not read", error=repr(exc))
+            finally:
+                done.set()
+
+        try:
+            token.run_sync_soon(lambda: self.handler.nursery.start_soon(call))
+        except trio.RunFinishedError:
+            return None
+        if not done.wait(GUEST_TIMEOUT_S + 0.5):
+            return None
+        return result[0] if result else None
+
     def render(self) -> bytes:
         from katapy.metrics.sandbox import scrape
 
-        return scrape(self.sample, self.requests.families)
+        return scrape(self.sample, lambda: [*self.guest(), *self.requests.families()])
 
     async def run(self, started: trio.Event) -> None:
         """Serve from when ``started`` is set (the sandbox runs) until this task is cancelled (shim exit)."""
         from katapy.metrics.endpoint import SOCKET_NAME, MetricsEndpoint
 
+        self._token = trio.lowlevel.current_trio_token()
         await started.wait()
         sb = self.handler.sandbox
         if sb is None:
