@@ -137,10 +137,13 @@ class ContainerManager:
             init.io.open()
             # before crun creates the container's process: it starts on the vCPUs its limit asks for
             await self.sandbox.resize_for(req.id, _sized_resources(spec))
-            await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], [])
+            # its block devices hot-plugged as virtio-blk; the agent maps them to the guest's disks
+            devices = await self.sandbox.attach_devices(req.id, spec)
+            await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], devices)
         except BaseException:
             with trio.CancelScope(shield=True):
                 self._release(container)
+                await self.sandbox.detach_devices(req.id)
                 await self._give_back_vcpus(req.id)
             raise
         self.containers[req.id] = container
@@ -346,6 +349,7 @@ class ContainerManager:
                 self._log.warning("remove_container failed", container_id=cid, error=str(exc))
         self._release(c)
         del self.containers[cid]
+        await self.sandbox.detach_devices(cid)
         await self._give_back_vcpus(cid)
         if cid in self.sandbox.record.containers:
             self.sandbox.record.containers.remove(cid)

@@ -28,7 +28,7 @@ from katapy.resource.cpu import CpuResource, ResizeError, VcpuPolicy
 from katapy.resource.memory import MemoryPolicy, MemoryResource
 from katapy.resource.rootfs import GUEST_SHARED_DIR
 from katapy.shim.agent_log import AgentLogForwarder
-from katapy.shim.errors import FailedPrecondition, Unavailable
+from katapy.shim.errors import FailedPrecondition, InvalidArgument, Unavailable
 from katapy.shim.persist import SandboxRecord
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class SandboxManager:
         self.network: Any = None  # katapy.resource.network.sandbox.SandboxNetwork for a CNI-made netns
         self.cpu: CpuResource | None = None  # the VM's vCPUs, sized from the containers' limits
         self.memory: MemoryResource | None = None  # the VM's RAM, sized from the containers' limits
+        self.devices: Any = None  # katapy.resource.devices.SandboxDevices: containers' hot-plugged block devices
         self.agent_log: AgentLogForwarder | None = None  # the agent's log lines into this shim's log
         self._console: Path | None = None  # the VM's console log
 
@@ -140,6 +141,9 @@ class SandboxManager:
             self.times.create_sandbox_s = time.monotonic() - t0
             self.cpu = CpuResource(self._vcpu_policy(vmcfg, sizing), self.hypervisor, self.agent, self.sandbox_id)
             self.memory = MemoryResource(self._memory_policy(vmcfg, sizing), self.hypervisor, self.sandbox_id)
+            from katapy.resource.devices import SandboxDevices
+
+            self.devices = SandboxDevices(self.hypervisor, self.sandbox_id)
             if self.network is not None:
                 await self.network.configure_guest(self.agent)
                 await self.network.forward_ports(self.nursery, self.hypervisor.agent_socket())
@@ -181,6 +185,27 @@ class SandboxManager:
                 await self.memory.set_container(cid, resources, strict=update)
         except ResizeError as exc:
             raise FailedPrecondition(f"container {cid}: {exc}") from None
+
+    async def attach_devices(self, cid: str, spec: dict[str, Any]) -> list[Any]:
+        """Hot-attach ``cid``'s block devices (``linux.devices`` type b); the agent Devices for CreateContainer.
+
+        InvalidArgument for a bad device entry or numbers no host device has; FailedPrecondition when the
+        backend cannot attach it.  Nothing stays attached for ``cid`` after an error."""
+        from katapy.resource.devices import DeviceError, DeviceSpecError, HostDeviceError
+
+        if self.devices is None:
+            return []
+        try:
+            return await self.devices.attach(cid, spec)
+        except (DeviceSpecError, HostDeviceError) as exc:
+            raise InvalidArgument(f"container {cid}: {exc}") from None
+        except DeviceError as exc:
+            raise FailedPrecondition(str(exc)) from None
+
+    async def detach_devices(self, cid: str) -> None:
+        """``cid`` is gone: detach the block devices only it used (failures are logged)."""
+        if self.devices is not None:
+            await self.devices.detach(cid)
 
     async def _attach_network(self, netns_path: str) -> None:
         from katapy.resource.network import NetworkError
@@ -269,6 +294,8 @@ class SandboxManager:
                 self._agent_release.set()
                 await self._agent_closed.wait()
                 self.agent = None
+            if self.devices is not None and self.vm_exit is None:
+                await self.devices.detach_all()  # the guest still runs: it unbinds each before the VMM lets go
             if self.agent_log is not None:
                 self.agent_log.stop()
                 self.agent_log = None
