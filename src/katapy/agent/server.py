@@ -78,6 +78,7 @@ class AgentServer:
             "SetOnlineCPUs": (a.SetOnlineCPUsRequest, self.set_online_cpus),
             "GetGuestDetails": (a.GuestDetailsRequest, self.guest_details),
             "GetOOMEvent": (a.GetOOMEventRequest, self.get_oom_event),
+            "GetMetrics": (a.GetMetricsRequest, self.get_metrics),
         }
         server.register(AGENT_SERVICE, {name: (cls, _guarded(fn)) for name, (cls, fn) in methods.items()})
 
@@ -105,6 +106,12 @@ class AgentServer:
             config = oci.spec_to_config(req.OCI)
         except oci.SpecError as exc:
             raise InvalidArgument(f"container {req.container_id}: {exc}") from None
+        if req.devices:
+            from katapy.agent import devices
+
+            # hot-plugged disks: the spec gets the guest's device numbers before crun sees it
+            devices.apply(config, [devices.DeviceRequest(d.id, d.type, d.vm_path, d.container_path, list(d.options))
+                                   for d in req.devices])
         mounted = []
         try:
             for s in req.storages:
@@ -250,14 +257,20 @@ class AgentServer:
 
     def guest_details(self, req: Any, ctx: Any) -> Any:
         from katapy.agent import guest
+        from katapy.agent.devices import HANDLERS
 
         return agent_pb2.GuestDetailsResponse(
             mem_block_size_bytes=guest.memory_block_size() if req.mem_block_size else 0,
             support_mem_hotplug_probe=guest.has_memory_probe() if req.mem_hotplug_probe else False,
             agent_details=agent_pb2.AgentDetails(
-                version=VERSION, init_daemon=self.init_daemon, device_handlers=[],
+                version=VERSION, init_daemon=self.init_daemon, device_handlers=list(HANDLERS),
                 storage_handlers=list(storage.DRIVERS), supports_seccomp=True),
         )
+
+    def get_metrics(self, req: Any, ctx: Any) -> Any:
+        from katapy.agent import metrics
+
+        return agent_pb2.Metrics(metrics=metrics.collect())
 
     def get_oom_event(self, req: Any, ctx: Any) -> Any:
         cid = self.sandbox.next_oom_event(_timeout(ctx), getattr(ctx, "cancelled", None))

@@ -242,6 +242,11 @@ class AgentClient:
                                 agent_pb2.OnlineCPUsResponse, timeout=timeout)
         return types.OnlineCpus(resp.online, resp.present, tuple(resp.online_ids))
 
+    async def get_metrics(self, timeout: float | None = None) -> str:
+        """The agent's and the guest's metrics, Prometheus text format (Kata's GetMetrics); untrusted text."""
+        resp = await self._call("GetMetrics", agent_pb2.GetMetricsRequest(), agent_pb2.Metrics, timeout=timeout)
+        return str(resp.metrics)
+
     async def guest_details(self) -> types.GuestDetails:
         resp = await self._call("GetGuestDetails", agent_pb2.GuestDetailsRequest(
             mem_block_size=True, mem_hotplug_probe=True), agent_pb2.GuestDetailsResponse)
