@@ -15,7 +15,7 @@ import trio
 
 from katapy.hypervisor.base import BlockDevice, HypervisorError, UnsupportedError, VmConfig, VmState
 from katapy.hypervisor.builtin import BuiltinHypervisor
-from katapy.hypervisor.builtin.backend import classify_exit
+from katapy.hypervisor.builtin.backend import HOTPLUG_SLOTS, classify_exit
 from katapy.hypervisor.selection import kvm_flavor
 
 from .conftest import open_fds
@@ -49,10 +49,10 @@ def test_lifecycle_leaves_nothing(tiny_guest: dict[str, Path], short_tmp: Path) 
             await _wait_console(hv, "katapy-tiny: ready")
             await hv.pause_vm()
             assert hv.state() is VmState.PAUSED
+            with pytest.raises(HypervisorError, match="add_device late: VM is paused, not running"):
+                await hv.add_device(BlockDevice("late", state / "console.log"))  # (hotplug: test_device_hotplug)
             await hv.resume_vm()
             assert hv.state() is VmState.RUNNING
-            with pytest.raises(UnsupportedError, match="builtin VMM has no hotplug"):
-                await hv.add_device(BlockDevice("late", state / "console.log"))
             with pytest.raises(HypervisorError, match=r"resize_vcpus 2: out of range 1\.\.1 .*max_vcpus = 1"):
                 await hv.resize_vcpus(2)
             with pytest.raises(HypervisorError, match=r"resize_memory 128 MiB: out of range 64\.\.64 MiB"):
@@ -109,8 +109,11 @@ def test_cold_plugged_disk_is_a_virtio_mmio_device(tiny_guest: dict[str, Path], 
         await hv.add_device(BlockDevice("disk0", img, read_only=True))
         await hv.start_vm(_cfg(tiny_guest, short_tmp / "sb"))
         try:
-            # vsock, then the disk: two virtio-mmio slots announced to the guest kernel
-            assert hv._vmm.cmdline.count("virtio_mmio.device=4K@") == 2
+            # vsock, then the disk, then the empty hotplug slots: all announced to the guest kernel
+            assert hv._vmm.cmdline.count("virtio_mmio.device=4K@") == 2 + HOTPLUG_SLOTS
+            assert hv.guest_device_address("disk0") == 0xD0001000
+            with pytest.raises(UnsupportedError, match="remove_device disk0: it was plugged at start_vm"):
+                await hv.remove_device("disk0")
         finally:
             await hv.cleanup()
 

@@ -79,16 +79,21 @@ def kernel_version_of(bzimage: Path) -> str | None:
 
 
 def resize_support(backend: str, max_vcpus: int) -> str:
-    """What resize_vcpus/resize_memory can do on ``backend`` (its class attributes; docs/hypervisor.md)."""
+    """What resize_vcpus/resize_memory/add_device on a running VM can do on ``backend`` (its class
+    attributes; docs/hypervisor.md)."""
     if backend == "qemu":
         from katapy.hypervisor.qemu import QemuHypervisor as cls
     else:
         from katapy.hypervisor.builtin import BuiltinHypervisor as cls  # type: ignore[assignment]
-    vcpus = (f"vCPUs 1..{max_vcpus} ([hypervisor] max_vcpus; all created at start, the guest onlines them)"
+    hotplug = getattr(cls, "vcpu_hotplug", "")  # the builtin VMM's: katapy.vmm.vcpu_hotplug
+    vcpus = (f"vCPUs 1..{max_vcpus} ([hypervisor] max_vcpus; {hotplug})" if hotplug else
+             f"vCPUs 1..{max_vcpus} ([hypervisor] max_vcpus; all created at start, the guest onlines them)"
              if cls.vcpus_present_at_boot else "vCPUs: no")
     memory = (f"memory: no ({cls.memory_hotplug_missing})" if cls.memory_hotplug_missing else
               "memory: default_memory..max_memory in 128 MiB blocks (KVM slots + upcall ADD_MEM/DEL_MEM)")
-    return f"{vcpus}; {memory}"
+    devices = (f"device hotplug: no ({cls.device_hotplug_missing})" if cls.device_hotplug_missing else
+               "device hotplug: virtio-blk and virtio-net into reserved virtio-mmio slots (upcall ADD_MMIO/DEL_MMIO)")
+    return f"{vcpus}; {memory}; {devices}"
 
 
 def probe() -> Report:

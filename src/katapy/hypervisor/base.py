@@ -199,11 +199,19 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def add_device(self, dev: Device) -> None:
-        """Attach a device (before start_vm: cold-plug; after: hotplug where supported)."""
+        """Attach a device (before start_vm: cold-plug; after: hotplug where supported, returning once
+        the guest has bound its driver)."""
 
     @abc.abstractmethod
     async def remove_device(self, dev_id: str) -> None:
-        """Detach a device added with add_device."""
+        """Detach a device added with add_device (after start_vm: hot-unplug where supported; every
+        host fd the device held, the disk image's or the tap's, is released when it returns)."""
+
+    @abc.abstractmethod
+    def guest_device_address(self, dev_id: str) -> int:
+        """The guest-physical base of the virtio-mmio window of the block/net device ``dev_id``
+        (cold- or hot-plugged; the VM started).  HypervisorError for an unknown id; UnsupportedError
+        where the VMM places its devices itself (QEMU)."""
 
     @abc.abstractmethod
     async def resize_vcpus(self, n: int) -> int:

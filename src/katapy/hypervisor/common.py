@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
+
 from katapy import log
 from katapy.hypervisor.base import (
     BlockDevice,
@@ -37,6 +39,7 @@ class SandboxVm(Hypervisor):
         self._times: dict[str, float] = {}
         self._vcpus: int | None = None  # set by resize_vcpus
         self._memory: int | None = None  # MiB, set by resize_memory
+        self._device_lock = trio.Lock()  # one hotplug or unplug at a time: the id check and the plug are one step
 
     def _check_start(self, cfg: VmConfig) -> None:
         """Refuse a second start, missing boot files and a state directory that exists."""
@@ -55,25 +58,58 @@ class SandboxVm(Hypervisor):
         if state is not want:
             raise HypervisorError(f"{op}: VM is {state.value}, not {want.value}")
 
-    async def add_device(self, dev: Device) -> None:
-        """Cold-plug: record ``dev`` for start_vm.  Neither backend's machine has a hotplug bus."""
-        if self._state is not VmState.NOT_STARTED:
-            raise UnsupportedError(f"add_device {dev.dev_id}: {self.vmm_label} has no hotplug; add devices before start_vm")
+    #: why devices cannot be added to or removed from a running VM on this backend ("" where they can)
+    device_hotplug_missing = "it has no hotplug-capable bus"
+
+    def _device_ids(self) -> set[str]:
+        """The ids of the block/net devices the VM has (or will get at start)."""
+        return {d.dev_id for d in self._cold}
+
+    def _check_new_device(self, dev: Device) -> None:
         if not isinstance(dev, (BlockDevice, NetDevice)):
             raise HypervisorError(f"add_device: unknown device type {type(dev).__name__}")
-        if any(d.dev_id == dev.dev_id for d in self._cold):
+        if dev.dev_id in self._device_ids():
             raise HypervisorError(f"add_device: a device with id {dev.dev_id!r} exists already")
         if isinstance(dev, BlockDevice) and not dev.path.exists():
             raise HypervisorError(f"add_device {dev.dev_id}: {dev.path} does not exist")
-        self._cold.append(dev)
+
+    async def add_device(self, dev: Device) -> None:
+        """Before start_vm: cold-plug (recorded for start_vm).  After: :meth:`_hotplug` (the backend's)."""
+        if self._state is VmState.NOT_STARTED:
+            self._check_new_device(dev)
+            self._cold.append(dev)
+            return
+        if self.device_hotplug_missing:
+            raise UnsupportedError(f"add_device {dev.dev_id}: {self.vmm_label} has no hotplug "
+                                   f"({self.device_hotplug_missing}); add devices before start_vm")
+        async with self._device_lock:
+            self._need(f"add_device {dev.dev_id}", VmState.RUNNING)
+            self._check_new_device(dev)
+            await self._hotplug(dev)
 
     async def remove_device(self, dev_id: str) -> None:
-        if self._state is not VmState.NOT_STARTED:
-            raise UnsupportedError(f"remove_device {dev_id}: {self.vmm_label} has no hot-unplug")
-        before = len(self._cold)
-        self._cold = [d for d in self._cold if d.dev_id != dev_id]
-        if len(self._cold) == before:
-            raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
+        if self._state is VmState.NOT_STARTED:
+            before = len(self._cold)
+            self._cold = [d for d in self._cold if d.dev_id != dev_id]
+            if len(self._cold) == before:
+                raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
+            return
+        if self.device_hotplug_missing:
+            raise UnsupportedError(f"remove_device {dev_id}: {self.vmm_label} has no hot-unplug "
+                                   f"({self.device_hotplug_missing})")
+        async with self._device_lock:
+            self._need(f"remove_device {dev_id}", VmState.RUNNING)
+            await self._hotunplug(dev_id)
+
+    async def _hotplug(self, dev: Device) -> None:
+        """Add ``dev`` (checked: new id, known type) to the running VM; backends with hotplug override."""
+        raise UnsupportedError(f"add_device {dev.dev_id}: {self.vmm_label} has no hotplug")
+
+    async def _hotunplug(self, dev_id: str) -> None:
+        raise UnsupportedError(f"remove_device {dev_id}: {self.vmm_label} has no hot-unplug")
+
+    def guest_device_address(self, dev_id: str) -> int:
+        raise UnsupportedError(f"guest_device_address {dev_id}: {self.vmm_label} places its devices itself")
 
     @property
     def vcpus(self) -> int:

@@ -25,6 +25,15 @@ VM state, its vCPUs), the agent onlines or offlines guest CPUs
 (``SetOnlineCPUs``).  Growing asks the hypervisor first, then the agent;
 shrinking asks the agent first (the guest gives the CPUs up), then the
 hypervisor.  A failure leaves both where they were and raises ResizeError.
+
+On a backend with real vCPU hotplug (the builtin VMM, katapy.vmm.vcpu_hotplug)
+the hypervisor's grow already has the guest online the new CPUs (upcall
+ADD_CPU), so the agent's SetOnlineCPUs that follows finds them online and
+changes nothing; its shrink offlines them through DEL_CPU, which finds them
+already offline after the agent's call, and then parks their threads.  When
+the hypervisor's half fails after it changed something (an unanswered ADD_CPU
+keeps the new vCPUs; a failed shrink after the agent offlined), the other
+half is put back as far as it goes (best effort, logged).
 """
 from __future__ import annotations
 
@@ -131,7 +140,11 @@ class CpuResource:
             raise ResizeError(f"cannot resize the sandbox VM from {old} to {n} vCPUs: the VM is {state.value}")
         try:
             if n > old:
-                granted = await self.hypervisor.resize_vcpus(n)
+                try:
+                    granted = await self.hypervisor.resize_vcpus(n)
+                except HypervisorError:
+                    await self._restore_hypervisor(old)
+                    raise
                 try:
                     online = await self._online(granted)
                 except ResizeError:
@@ -139,11 +152,36 @@ class CpuResource:
                     raise
             else:
                 online = await self._online(n)
-                await self.hypervisor.resize_vcpus(online)
+                try:
+                    await self.hypervisor.resize_vcpus(online)
+                except HypervisorError:
+                    await self._restore_agent(old)
+                    raise
         except HypervisorError as exc:
             raise ResizeError(f"cannot resize the sandbox VM from {old} to {n} vCPUs: {exc}") from None
         self.vcpus = online
         self._log.info("sandbox vCPUs resized", old=old, new=online)
+
+    async def _restore_hypervisor(self, old: int) -> None:
+        """A grow the hypervisor failed but kept (in doubt): take it back to ``old``."""
+        from katapy.hypervisor.base import HypervisorError
+
+        now = getattr(self.hypervisor, "vcpus", old)
+        if now == old:
+            return
+        try:
+            await self.hypervisor.resize_vcpus(old)
+        except HypervisorError as exc:
+            self._log.error("cannot take the hypervisor back after a failed grow", vcpus=now, wanted=old,
+                            error=str(exc))
+
+    async def _restore_agent(self, old: int) -> None:
+        """A shrink the hypervisor refused after the guest offlined: online the CPUs again."""
+        try:
+            await self._online(old)
+        except ResizeError as exc:
+            self._log.error("cannot online the guest's CPUs again after a failed shrink", wanted=old,
+                            error=str(exc))
 
     async def _online(self, n: int) -> int:
         from katapy.ttrpc.errors import TtrpcError

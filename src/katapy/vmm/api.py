@@ -33,6 +33,15 @@ class VmmError(RuntimeError):
     pass
 
 
+class DeviceInDoubtError(VmmError):
+    """hotplug_device got no answer from the guest: the device stays plugged at ``base``
+    (``unplug_device(base)`` removes it; stop() releases it)."""
+
+    def __init__(self, message: str, base: int) -> None:
+        super().__init__(message)
+        self.base = base
+
+
 class Vmm:
     #: how long the first hotplug waits for the guest's upcall server to listen (it starts with the agent)
     upcall_connect_timeout_s = 30.0
@@ -54,6 +63,8 @@ class Vmm:
         self._upcall_uds: Path | None = None
         self._upcall: Any = None  # katapy.vmm.upcall.DeviceManagerClient, opened on the first hotplug
         self._memory_hotplug: Any = None  # katapy.vmm.memory_hotplug.MemoryHotplug
+        self._vcpu_hotplug: Any = None  # katapy.vmm.vcpu_hotplug.VcpuHotplug, made on the first resize_vcpus
+        self._device_hotplug: Any = None  # katapy.vmm.device_hotplug.DeviceHotplug
 
     # -- configuration (before start) -----------------------------------------
     def _configurable(self) -> None:
@@ -61,10 +72,11 @@ class Vmm:
             raise VmmError(f"cannot configure a VM that is {self._state.value}")
 
     def configure_machine(self, vcpus: int, mem_mib: int, irqchip: IrqChip = IrqChip.KERNEL,
-                          max_mem_mib: int | None = None) -> None:
-        """``max_mem_mib``: the RAM the VM may grow to by :meth:`resize_memory` (None: it keeps ``mem_mib``)."""
+                          max_mem_mib: int | None = None, max_vcpus: int | None = None) -> None:
+        """``max_mem_mib``: the RAM the VM may grow to by :meth:`resize_memory` (None: it keeps ``mem_mib``);
+        ``max_vcpus``: the vCPUs it may grow to by :meth:`resize_vcpus` (None: it keeps ``vcpus``)."""
         self._configurable()
-        m = MachineConfig(vcpus, mem_mib, irqchip, max_mem_mib)
+        m = MachineConfig(vcpus, mem_mib, irqchip, max_mem_mib, max_vcpus)
         m.validate()
         self.resources.machine = m
 
@@ -86,6 +98,15 @@ class Vmm:
     def add_device(self, device: VirtioDevice) -> None:
         self._configurable()
         self.resources.devices.append(device)
+
+    def set_hotplug_slots(self, count: int) -> None:
+        """Reserve ``count`` empty virtio-mmio windows after the devices, for hotplug_device."""
+        from katapy.vmm.config import VIRTIO_MMIO_PINS, ConfigError
+
+        self._configurable()
+        if not 0 <= count <= VIRTIO_MMIO_PINS:
+            raise ConfigError(f"hotplug_slots={count}: must be 0..{VIRTIO_MMIO_PINS}")
+        self.resources.hotplug_slots = count
 
     def set_upcall_socket(self, uds: str | Path) -> None:
         """The hybrid-vsock socket through which the VMM reaches the guest's upcall server (port 0xDB)."""
@@ -118,6 +139,8 @@ class Vmm:
                 raise
             b = self._built
             b.loop.start()
+            # self._vcpus: the running vCPU threads; replaced whole (never changed in place) under self._lock,
+            # so readers without the lock (the halt and exit callbacks) see one consistent list
             self._vcpus = [VcpuThread(v, b.pio_bus, b.mmio_bus, self._vm_exit, self._vcpu_halted) for v in b.vcpus]
             self._state = VmState.RUNNING
             for t in self._vcpus:
@@ -191,6 +214,82 @@ class Vmm:
                 raise VmmError(str(exc)) from exc
             return self.memory_mib()
 
+    def vcpu_count(self) -> int:
+        """The vCPUs the VM has now, each with a running thread: ``vcpus`` at start, then each resize_vcpus."""
+        hp = self._vcpu_hotplug
+        return hp.count if hp is not None else self.resources.machine.vcpus
+
+    def resize_vcpus(self, n: int) -> int:
+        """Give a running VM vCPUs 0..n-1 (1..max_vcpus): new ones are created (or parked ones reused) and
+        onlined by the guest through upcall ADD_CPU; removed ones are offlined (DEL_CPU), then their
+        threads stop.  Returns the count after.  See katapy.vmm.vcpu_hotplug."""
+        from katapy.vmm import vcpu_hotplug as vh
+
+        with self._lock:
+            if self._state is not VmState.RUNNING or self._ended.is_set():
+                what = self._state.value if self._state is not VmState.RUNNING else "ended"
+                raise VmmError(f"cannot resize the vCPUs of a VM that is {what}")
+            top = self.resources.machine.max_vcpus or self.resources.machine.vcpus
+            if not 1 <= n <= top:
+                raise VmmError(f"{n} vCPUs is outside 1..{top} (max_vcpus)")
+            if n == self.vcpu_count():
+                return n
+            if self._vcpu_hotplug is None:
+                ops = vh.VcpuOps(self._hot_create_vcpu, self._hot_start_vcpu, self._hot_stop_vcpu)
+                self._vcpu_hotplug = vh.VcpuHotplug(self.resources.machine.vcpus, top, ops,
+                                                    self._device_manager("vCPU hotplug"))
+            hp = self._vcpu_hotplug
+        # without self._lock: the upcall may wait long for the guest, and stop() must not wait for it;
+        # each vCPU step below takes the lock and checks that the VM still runs
+        try:
+            return hp.resize(n)
+        except vh.VcpuHotplugError as exc:
+            raise VmmError(str(exc)) from exc
+
+    def _running_vm(self, what: str) -> builder.BuiltVm:
+        """The built VM, if it runs (self._lock held)."""
+        if self._state is not VmState.RUNNING or self._ended.is_set() or self._built is None:
+            now = self._state.value if self._state is not VmState.RUNNING else "ended"
+            raise VmmError(f"cannot {what}: the VM is {now}")
+        return self._built
+
+    def _hot_create_vcpu(self, index: int) -> None:
+        with self._lock:
+            self._running_vm(f"create vCPU {index}").create_vcpu(index)
+
+    def _hot_start_vcpu(self, index: int) -> None:
+        with self._lock:
+            b = self._running_vm(f"start vCPU {index}")
+            if any(t.index == index for t in self._vcpus):
+                raise VmmError(f"vCPU {index} already has a thread")
+            v = next((v for v in b.vcpus if v.index == index), None)
+            if v is None or b.vcpu_setup is None:
+                raise VmmError(f"vCPU {index} was never created")
+            b.vcpu_setup.rearm(v)
+            t = VcpuThread(v, b.pio_bus, b.mmio_bus, self._vm_exit, self._vcpu_halted)
+            self._halted.discard(index)
+            self._vcpus = [*self._vcpus, t]
+            try:
+                t.start()
+            except BaseException:
+                self._vcpus = [x for x in self._vcpus if x is not t]
+                raise
+            if self._ended.is_set():
+                t.stop()  # the VM ended meanwhile and _vm_exit may have missed it; stop() joins it
+        _log.info("vCPU thread started", vcpu=index, running=len(self._vcpus))
+
+    def _hot_stop_vcpu(self, index: int) -> None:
+        with self._lock:
+            t = next((t for t in self._vcpus if t.index == index), None)
+            if t is None:
+                return  # stop() got there first
+            t.stop()
+            if not t.join(timeout=10):
+                raise VmmError(f"vCPU {index}'s thread did not stop")  # it stays listed: stop() joins it
+            self._vcpus = [x for x in self._vcpus if x is not t]
+            self._halted.discard(index)
+        _log.info("vCPU thread stopped (parked)", vcpu=index, running=len(self._vcpus))
+
     def _device_manager(self, what: str) -> Any:
         """The guest's upcall device-manager service (``katapy.vmm.upcall.DeviceManagerClient``), one channel
         shared by every kind of hotplug; opened on first use.  ``what`` names the caller for the error."""
@@ -218,6 +317,58 @@ class Vmm:
             self._memory_hotplug = mh.MemoryHotplug(b.vm, b.mem, boot_end, (limit << 20) // mh.BLOCK_SIZE * mh.BLOCK_SIZE,
                                                     upcall)
         return self._memory_hotplug
+
+    def hotplug_device(self, device: VirtioDevice) -> tuple[int, int]:
+        """Plug a virtio-blk or virtio-net ``device`` into a free hotplug slot of the running VM and have the
+        guest bind it (upcall ADD_MMIO); returns the window's (base, irq).  The VMM owns ``device`` from this
+        call on: on an error it has been closed, except DeviceInDoubtError (it stays plugged).
+        See katapy.vmm.device_hotplug."""
+        from katapy.vmm import device_hotplug as dh
+
+        with self._lock:
+            try:
+                if self._state is not VmState.RUNNING:
+                    raise VmmError(f"cannot hot-plug a device into a VM that is {self._state.value}")
+                hp = self._hotplug_devices()
+            except BaseException:
+                dh.close_device(device)
+                raise
+            try:
+                return hp.plug(device)
+            except dh.DeviceInDoubt as exc:
+                raise DeviceInDoubtError(str(exc), exc.base) from exc
+            except dh.DeviceHotplugError as exc:
+                raise VmmError(str(exc)) from exc
+
+    def unplug_device(self, base: int) -> None:
+        """Have the guest unbind the hot-plugged device at ``base`` (upcall DEL_MMIO), then close it and
+        empty its slot.  A refusal or no answer keeps it plugged (VmmError says so)."""
+        from katapy.vmm import device_hotplug as dh
+
+        with self._lock:
+            if self._state is not VmState.RUNNING:
+                raise VmmError(f"cannot unplug a device from a VM that is {self._state.value}")
+            if self._device_hotplug is None:
+                raise VmmError(f"no hot-plugged device at {base:#x}")
+            try:
+                self._device_hotplug.unplug(base)
+            except dh.DeviceHotplugError as exc:
+                raise VmmError(str(exc)) from exc
+
+    def device_address(self, device: VirtioDevice) -> int | None:
+        """The guest-physical base of ``device``'s virtio-mmio window (cold- or hot-plugged), None if absent."""
+        b = self._built
+        slot = b.devices.find(device) if b is not None else None
+        return slot.base if slot is not None else None
+
+    def _hotplug_devices(self) -> Any:
+        if self._device_hotplug is None:
+            from katapy.vmm.device_hotplug import DeviceHotplug
+
+            upcall = self._device_manager("device hotplug")
+            assert self._built is not None
+            self._device_hotplug = DeviceHotplug(self._built.devices, upcall)
+        return self._device_hotplug
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
         """Block until the VM ends (None on timeout); the VMM keeps its resources until stop()."""
@@ -261,5 +412,6 @@ class Vmm:
 
     def _vcpu_halted(self, index: int) -> None:
         self._halted.add(index)
-        if len(self._halted) == len(self._vcpus):
+        running = {t.index for t in self._vcpus}  # parked (hot-removed) vCPUs do not count
+        if running <= self._halted:
             self._vm_exit(VmExit(ExitReason.HALTED, "all vCPUs executed HLT", index))

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 from katapy import log
 from katapy.vmm.boot import layout, x86
+from katapy.vmm.boot.vcpu_setup import VcpuSetup
 from katapy.vmm.bus import Bus
 from katapy.vmm.config import FlatBoot, IrqChip, KernelBoot, VmResources
 from katapy.vmm.device_manager import MmioDeviceManager
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.kvm import consts
 from katapy.vmm.kvm.system import Kvm
-from katapy.vmm.kvm.vcpu import Regs, VcpuFd
+from katapy.vmm.kvm.vcpu import VcpuFd
 from katapy.vmm.kvm.vm import VmFd
 from katapy.vmm.legacy import i8042, ioapic, ports, serial
 from katapy.vmm.memory import GuestMemory
@@ -52,9 +53,19 @@ class BuiltVm:
     devices: MmioDeviceManager
     serial: serial.Serial
     i8042: i8042.I8042
-    vcpus: list[VcpuFd] = field(default_factory=list)
+    vcpus: list[VcpuFd] = field(default_factory=list)  # every KVM vCPU created, boot and hot-added
     serial_irq_fd: int = -1
     cmdline: str = ""
+    vcpu_setup: VcpuSetup | None = None  # what a vCPU created later needs (katapy.vmm.vcpu_hotplug)
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        """KVM_CREATE_VCPU with id (= APIC id) ``index``, then its per-vCPU setup.  The fd joins
+        ``vcpus`` even when the setup fails: KVM cannot destroy a vCPU, and the VM closes it."""
+        assert self.vcpu_setup is not None
+        v = self.vm.create_vcpu(index)
+        self.vcpus.append(v)
+        self.vcpu_setup.configure(v)
+        return v
 
     def close(self) -> None:
         """Release everything (vCPU threads must already be stopped)."""
@@ -78,19 +89,6 @@ def _check_caps(kvm: Kvm, irqchip: IrqChip) -> None:
     missing = [name for name, cap in needed.items() if not kvm.check_extension(cap)]
     if missing:
         raise BuildError(f"/dev/kvm lacks {', '.join(missing)}")
-
-
-def _flat_vcpu_state(vcpu: VcpuFd, boot: FlatBoot) -> None:
-    """Real mode at ``load_addr``: CS base is the 64 KiB block, IP the rest."""
-    s = vcpu.get_sregs()
-    seg_base = boot.load_addr & ~0xFFFF
-    s.cs.base, s.cs.selector = seg_base, seg_base >> 4
-    for seg in (s.ds, s.es, s.ss):
-        seg.base, seg.selector = 0, 0
-    vcpu.set_sregs(s)
-    vcpu.set_regs(Regs(rip=boot.load_addr & 0xFFFF, rsp=0x7000 - 0x100 * vcpu.index, rflags=0x2))
-    if vcpu.index > 0:
-        vcpu.set_mp_state(consts.KVM_MP_STATE_RUNNABLE)  # no INIT/SIPI dance for flat images
 
 
 def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None]
@@ -137,30 +135,30 @@ def build(res: VmResources, on_reset) -> BuiltVm:  # on_reset: Callable[[], None
         cleanup.append(devices.close)
         for dev in res.devices:
             devices.add(dev)
+        devices.reserve_hotplug(res.hotplug_slots)  # empty windows after the cold devices (device_hotplug)
 
         built = BuiltVm(kvm, vm, mem, loop, pio, mmio, devices, uart, kbd, serial_irq_fd=serial_irq_fd)
         cleanup.append(lambda: [v.close() for v in built.vcpus])
+        # The MP table and every vCPU's CPUID describe max_vcpus CPUs (APIC id i for CPU i, all enabled,
+        # so the guest's possible/present masks cover them; maxcpus=<vcpus> keeps the rest offline);
+        # only ``vcpus`` KVM vCPUs exist now, katapy.vmm.vcpu_hotplug creates the others on demand.
         n = res.machine.vcpus
+        possible = res.machine.max_vcpus or n
         boot = res.boot
         info = None
         if isinstance(boot, KernelBoot):
             built.cmdline = " ".join(filter(None, [boot.cmdline, *devices.cmdline_fragments()]))
-            info = x86.configure_system(mem, mem_size, boot.kernel, boot.initrd, built.cmdline, n, boot.protocol)
+            info = x86.configure_system(mem, mem_size, boot.kernel, boot.initrd, built.cmdline, possible,
+                                        boot.protocol)
         elif isinstance(boot, FlatBoot):
             mem.write(boot.load_addr, boot.code)
-        supported = kvm.supported_cpuid()
-        tsc_deadline = bool(kvm.check_extension(consts.KVM_CAP_TSC_DEADLINE_TIMER))
+        built.vcpu_setup = VcpuSetup(kvm.supported_cpuid(), possible,
+                                     bool(kvm.check_extension(consts.KVM_CAP_TSC_DEADLINE_TIMER)),
+                                     info, boot if isinstance(boot, FlatBoot) else None)
         for i in range(n):
-            v = vm.create_vcpu(i)
-            built.vcpus.append(v)
-            if info is not None:
-                x86.configure_vcpu(v, info, supported, n, tsc_deadline)
-            else:
-                from katapy.vmm.boot.cpuid import vcpu_cpuid
-
-                v.set_cpuid2(vcpu_cpuid(supported, i, n, tsc_deadline))
-                _flat_vcpu_state(v, boot)  # type: ignore[arg-type]
-        _log.info("VM built", vcpus=n, mem_mib=res.machine.mem_mib, devices=len(res.devices), cmdline=built.cmdline)
+            built.create_vcpu(i)
+        _log.info("VM built", vcpus=n, max_vcpus=possible, mem_mib=res.machine.mem_mib, devices=len(res.devices),
+                  cmdline=built.cmdline)
         return built
     except BaseException:
         # vCPU fds are closed with the VM; undo the rest in reverse order.

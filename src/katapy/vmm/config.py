@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from katapy.vmm.boot import layout
 from katapy.vmm.boot.loader import BootProtocol
 from katapy.vmm.virtio.device import VirtioDevice
 
@@ -44,10 +45,19 @@ class MachineConfig:
     irqchip: IrqChip = IrqChip.KERNEL
     #: the most RAM the VM may have with hot-added memory (None: mem_mib, no memory hotplug)
     max_mem_mib: int | None = None
+    #: the vCPUs the VM may have with hot-added ones (the MP table and CPUID describe this many;
+    #: ``vcpus`` of them are created at start, katapy.vmm.vcpu_hotplug adds the rest); None: vcpus
+    max_vcpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_vcpus is None:
+            self.max_vcpus = self.vcpus
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus={self.vcpus}: must be 1..{MAX_VCPUS}")
+        if self.max_vcpus is None or not self.vcpus <= self.max_vcpus <= MAX_VCPUS:
+            raise ConfigError(f"max_vcpus={self.max_vcpus}: must be vcpus ({self.vcpus})..{MAX_VCPUS}")
         if self.mem_mib < MIN_MEM_MIB:
             raise ConfigError(f"mem_mib={self.mem_mib}: must be at least {MIN_MEM_MIB}")
         if self.max_mem_mib is not None and self.max_mem_mib < self.mem_mib:
@@ -89,15 +99,26 @@ class FlatBoot:
 BootSource = KernelBoot | FlatBoot
 
 
+#: virtio-mmio windows the IOAPIC pins layout.VIRTIO_IRQ_BASE..VIRTIO_IRQ_MAX can serve (cold and hotplug together)
+VIRTIO_MMIO_PINS = layout.VIRTIO_IRQ_MAX - layout.VIRTIO_IRQ_BASE + 1
+
+
 @dataclass
 class VmResources:
     machine: MachineConfig = field(default_factory=MachineConfig)
     boot: BootSource | None = None
     devices: list[VirtioDevice] = field(default_factory=list)
     serial_output: Callable[[bytes], None] | None = None
+    #: empty virtio-mmio windows reserved after the devices for device hotplug (katapy.vmm.device_hotplug)
+    hotplug_slots: int = 0
 
     def validate(self) -> None:
         self.machine.validate()
+        if not 0 <= self.hotplug_slots <= VIRTIO_MMIO_PINS - len(self.devices):
+            raise ConfigError(
+                f"hotplug_slots={self.hotplug_slots}: must be 0..{VIRTIO_MMIO_PINS - len(self.devices)} (IOAPIC pins "
+                f"{layout.VIRTIO_IRQ_BASE}..{layout.VIRTIO_IRQ_MAX} serve {VIRTIO_MMIO_PINS} virtio-mmio windows, "
+                f"{len(self.devices)} taken by cold-plugged devices)")
         if self.boot is None:
             raise ConfigError("no boot source set")
         self.boot.validate()

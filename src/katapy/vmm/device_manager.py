@@ -6,6 +6,16 @@ an irqfd).  Each queue's QueueNotify is a KVM ioeventfd on base + 0x50 with
 datamatch = queue index (api.rst 4.59), so a kick never leaves the kernel.
 The guest learns about each device from ``virtio_mmio.device=4K@0x<base>:<irq>``
 (drivers/virtio/virtio_mmio.c, CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+
+Hotplug slots (:meth:`MmioDeviceManager.reserve_hotplug`): windows placed
+after the cold devices, each with its own pin, listed on the command line
+too but holding a :class:`~katapy.vmm.virtio.placeholder.PlaceholderSlot`
+(DeviceID 0, so the guest's probe declines it).  :meth:`populate` puts a
+device's transport in a free slot's window (irqfd and ioeventfds first, then
+the bus swap); :meth:`depopulate` swaps the placeholder back, closes the
+transport and its device on the device loop's thread (no queue callback of
+it runs beside the close) and releases the eventfds.  Telling the guest
+(ADD_MMIO / DEL_MMIO) is katapy.vmm.device_hotplug's part.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from katapy.vmm.kvm.vm import VmFd
 from katapy.vmm.memory import GuestMemory
 from katapy.vmm.virtio.device import VirtioDevice
 from katapy.vmm.virtio.mmio import QUEUE_NOTIFY, MmioTransport
+from katapy.vmm.virtio.placeholder import PlaceholderSlot
 
 _log = log.get("vmm.devices")
 
@@ -41,6 +52,23 @@ class MmioSlot:
         return f"virtio_mmio.device=4K@{self.base:#x}:{self.irq}"
 
 
+@dataclass
+class HotplugSlot:
+    """A virtio-mmio window reserved at build time for a device added later; ``plugged`` while populated."""
+
+    base: int
+    irq: int
+    plugged: MmioSlot | None = None
+
+    @property
+    def cmdline(self) -> str:
+        return f"virtio_mmio.device=4K@{self.base:#x}:{self.irq}"
+
+
+#: IOAPIC pins the virtio-mmio windows may use (cold devices and hotplug slots together)
+VIRTIO_PINS = layout.VIRTIO_IRQ_MAX - layout.VIRTIO_IRQ_BASE + 1
+
+
 class MmioDeviceManager:
     def __init__(self, vm: VmFd | None, mem: GuestMemory, bus: Bus, loop: EventLoop):
         self.vm = vm
@@ -48,13 +76,88 @@ class MmioDeviceManager:
         self.bus = bus
         self.loop = loop
         self.slots: list[MmioSlot] = []
+        self.hotplug: list[HotplugSlot] = []
         self._next_base = layout.MMIO_MEM_START
         self._next_irq = layout.VIRTIO_IRQ_BASE
 
-    def add(self, device: VirtioDevice) -> MmioSlot:
+    def _next_window(self, what: str) -> tuple[int, int]:
+        """The next window's (base, irq), or a clear error when no IOAPIC pin is left."""
         if self._next_irq > layout.VIRTIO_IRQ_MAX:
-            raise DeviceManagerError("out of IOAPIC pins for virtio-mmio devices")
-        base, irq = self._next_base, self._next_irq
+            raise DeviceManagerError(
+                f"out of IOAPIC pins for {what}: pins {layout.VIRTIO_IRQ_BASE}..{layout.VIRTIO_IRQ_MAX} "
+                f"({VIRTIO_PINS}) are all taken by {len(self.slots)} device(s) and {len(self.hotplug)} hotplug slot(s)")
+        return self._next_base, self._next_irq
+
+    def _advance(self) -> None:
+        self._next_base += layout.MMIO_DEVICE_LEN
+        self._next_irq += 1
+
+    def add(self, device: VirtioDevice) -> MmioSlot:
+        """Cold-plug ``device`` in the next window (before the guest boots)."""
+        base, irq = self._next_window("virtio-mmio devices")
+        slot = self._place(device, base, irq, lambda t: self.bus.insert(t, base, layout.MMIO_DEVICE_LEN))
+        self.slots.append(slot)
+        self._advance()
+        _log.info("virtio-mmio device placed", device_type=device.device_type, base=hex(base), irq=irq)
+        return slot
+
+    def reserve_hotplug(self, count: int) -> list[HotplugSlot]:
+        """Reserve ``count`` empty windows (placeholders on the bus) after the devices placed so far."""
+        if count > layout.VIRTIO_IRQ_MAX + 1 - self._next_irq:
+            raise DeviceManagerError(
+                f"{count} hotplug slots do not fit: IOAPIC pins {self._next_irq}..{layout.VIRTIO_IRQ_MAX} are "
+                f"left ({layout.VIRTIO_IRQ_MAX + 1 - self._next_irq}) after {len(self.slots)} device(s)")
+        new = []
+        for _ in range(count):
+            base, irq = self._next_window("hotplug slots")
+            self.bus.insert(PlaceholderSlot(), base, layout.MMIO_DEVICE_LEN)
+            self._advance()
+            slot = HotplugSlot(base, irq)
+            self.hotplug.append(slot)
+            new.append(slot)
+        if new:
+            _log.info("virtio-mmio hotplug slots reserved", count=count, first=hex(new[0].base), irqs=[s.irq for s in new])
+        return new
+
+    def free_hotplug_slot(self) -> HotplugSlot | None:
+        return next((h for h in self.hotplug if h.plugged is None), None)
+
+    def populate(self, device: VirtioDevice) -> MmioSlot:
+        """Put ``device`` in the first free hotplug slot (its transport replaces the placeholder)."""
+        h = self.free_hotplug_slot()
+        if h is None:
+            raise DeviceManagerError(f"no free virtio-mmio hotplug slot (all {len(self.hotplug)} are in use)"
+                                     if self.hotplug else "this VM has no virtio-mmio hotplug slots")
+        slot = self._place(device, h.base, h.irq, lambda t: self.bus.replace(h.base, t))
+        h.plugged = slot
+        _log.info("virtio-mmio slot populated", device_type=device.device_type, base=hex(h.base), irq=h.irq)
+        return slot
+
+    def depopulate(self, base: int) -> None:
+        """Empty the hotplug slot at ``base``: placeholder back, transport and device closed, eventfds released."""
+        h = next((h for h in self.hotplug if h.base == base), None)
+        if h is None or h.plugged is None:
+            raise DeviceManagerError(f"no hot-plugged virtio-mmio device at {base:#x}")
+        slot = h.plugged
+        self.bus.replace(base, PlaceholderSlot())  # from here no vCPU reaches the transport
+        h.plugged = None
+        try:
+            # on the loop's thread: none of the device's kick or back-end callbacks runs beside the close
+            self.loop.run_sync(slot.transport.close)
+        except Exception as exc:
+            _log.error("closing a hot-unplugged device failed", base=hex(base), error=repr(exc))
+        finally:
+            self._unregister(slot.base, slot.irq, slot.irq_fd, slot.kick_fds, list(range(len(slot.kick_fds))))
+        _log.info("virtio-mmio slot emptied", device_type=slot.transport.device.device_type, base=hex(base))
+
+    def find(self, device: VirtioDevice) -> MmioSlot | None:
+        """The slot (cold or hot-plugged) whose transport serves ``device``."""
+        for s in [*self.slots, *(h.plugged for h in self.hotplug if h.plugged is not None)]:
+            if s.transport.device is device:
+                return s
+        return None
+
+    def _place(self, device: VirtioDevice, base: int, irq: int, attach) -> MmioSlot:  # attach(transport)
         irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in device.queue_max_sizes]
         registered: list[int] = []
@@ -67,19 +170,17 @@ class MmioDeviceManager:
             transport = MmioTransport(
                 device, self.mem, self.loop, lambda fd=irq_fd: os.eventfd_write(fd, 1), kick_fds
             )
-            self.bus.insert(transport, base, layout.MMIO_DEVICE_LEN)
+            attach(transport)
         except BaseException:
             self._unregister(base, irq, irq_fd, kick_fds, registered)
             raise
-        slot = MmioSlot(base, irq, transport, irq_fd, kick_fds)
-        self.slots.append(slot)
-        self._next_base += layout.MMIO_DEVICE_LEN
-        self._next_irq += 1
-        _log.info("virtio-mmio device placed", device_type=device.device_type, base=hex(base), irq=irq)
-        return slot
+        return MmioSlot(base, irq, transport, irq_fd, kick_fds)
 
     def cmdline_fragments(self) -> list[str]:
-        return [s.cmdline for s in self.slots]
+        """One ``virtio_mmio.device=`` per window, cold devices and hotplug slots, in address order
+        (the guest names them ``virtio-mmio.<N>`` in this order)."""
+        windows: list[MmioSlot | HotplugSlot] = [*self.slots, *self.hotplug]
+        return [w.cmdline for w in sorted(windows, key=lambda w: w.base)]
 
     def _unregister(self, base: int, irq: int, irq_fd: int, kick_fds: list[int], queues: list[int]) -> None:
         if self.vm is not None and self.vm.fd >= 0:
@@ -96,8 +197,12 @@ class MmioDeviceManager:
             os.close(fd)
 
     def close(self) -> None:
-        for s in self.slots:
+        plugged = [h.plugged for h in self.hotplug if h.plugged is not None]
+        for s in [*self.slots, *plugged]:
             s.transport.close()
             self.bus.remove(s.base)
             self._unregister(s.base, s.irq, s.irq_fd, s.kick_fds, list(range(len(s.kick_fds))))
+        for h in self.hotplug:
+            self.bus.remove(h.base)
         self.slots = []
+        self.hotplug = []

@@ -22,7 +22,9 @@ import trio
 
 from katapy import log
 from katapy.hypervisor.base import (
+    Device,
     HypervisorError,
+    UnsupportedError,
     VmConfig,
     VmExit,
     VmState,
@@ -33,6 +35,10 @@ from katapy.hypervisor.common import SandboxVm
 from katapy.hypervisor.devices import cold_device, sandbox_devices
 
 _log = log.get("hypervisor.builtin")
+
+#: empty virtio-mmio windows every builtin VM reserves for block/net hotplug (katapy.vmm.device_hotplug);
+#: fewer when cold-plugged devices leave fewer IOAPIC pins
+HOTPLUG_SLOTS = 8
 
 
 # katapy.vmm.state.ExitReason values -> VmExit reasons
@@ -68,10 +74,12 @@ def classify_exit(vmm_exit: object, console: str) -> VmExit:
 class BuiltinHypervisor(SandboxVm):
     name = "builtin"
     vmm_label = "the builtin VMM"
-    # every max_vcpus vCPU is created at start (the MP table lists them all); the guest boots with
-    # maxcpus=<vcpus> and the APs beyond it stay in wait-for-SIPI, blocked in KVM_RUN, until onlined
-    vcpus_present_at_boot = True
+    # vcpus KVM vCPUs at start, max_vcpus in the MP table (the guest boots with maxcpus=<vcpus>);
+    # resize_vcpus creates/parks the others at run time (katapy.vmm.vcpu_hotplug, upcall ADD_CPU/DEL_CPU)
+    vcpus_present_at_boot = False
+    vcpu_hotplug = "KVM vCPUs created (or parked ones reused) at run time, onlined by upcall ADD_CPU/DEL_CPU"
     memory_hotplug_missing = ""  # memory is hot-added through the upcall channel (katapy.vmm.memory_hotplug)
+    device_hotplug_missing = ""  # block/net devices go into placeholder virtio-mmio slots (katapy.vmm.device_hotplug)
 
     def __init__(self, boot_protocol: str | None = None) -> None:
         """``boot_protocol``: "linux64" | "pvh" (katapy.vmm.boot.loader.BootProtocol); None = the VMM's default."""
@@ -83,6 +91,7 @@ class BuiltinHypervisor(SandboxVm):
         self._start_called = False
         self._started = False  # Vmm.start() returned: there are threads to stop and wait for
         self._exit_lock = trio.Lock()
+        self._hot: dict[str, Any] = {}  # dev_id -> hypervisor.devices.SandboxDevice added after start
 
     async def start_vm(self, cfg: VmConfig) -> None:
         self._check_start(cfg)
@@ -107,7 +116,7 @@ class BuiltinHypervisor(SandboxVm):
 
     def _build(self, vmm_cls: Any, cfg: VmConfig) -> None:
         vmm = self._vmm = vmm_cls()
-        vmm.configure_machine(cfg.max_vcpus, cfg.memory_mib, max_mem_mib=cfg.max_memory_mib)
+        vmm.configure_machine(cfg.vcpus, cfg.memory_mib, max_mem_mib=cfg.max_memory_mib, max_vcpus=cfg.max_vcpus)
         vmm.set_upcall_socket(cfg.vsock_path)  # the VMM's hybrid-vsock socket reaches the guest's upcall port
         from katapy.vmm.config import I8042_KERNEL_PARAMS
 
@@ -125,9 +134,36 @@ class BuiltinHypervisor(SandboxVm):
             self._devices.append(cold_device(cold))
         for dev in self._devices:
             vmm.add_device(dev.device)
+        from katapy.vmm.config import VIRTIO_MMIO_PINS
+
+        vmm.set_hotplug_slots(max(0, min(HOTPLUG_SLOTS, VIRTIO_MMIO_PINS - len(self._devices))))
         self._start_called = True  # from here on the VMM owns the devices (it closes them in stop())
         vmm.start()
         self._started = True
+
+    async def resize_vcpus(self, n: int) -> int:
+        """Hot-add or remove vCPUs (katapy.vmm.vcpu_hotplug: KVM vCPUs created or parked, upcall ADD_CPU/DEL_CPU
+        to the guest, which onlines/offlines them); returns the count after.  Range: 1..max_vcpus, VM running."""
+        if self.cfg is None:
+            raise HypervisorError(f"resize_vcpus {n}: the VM was never started")
+        limit = self.cfg.max_vcpus
+        if not 1 <= n <= limit:
+            raise HypervisorError(f"resize_vcpus {n}: out of range 1..{limit} (the VM was started with "
+                                  f"max_vcpus = {limit}: [hypervisor] max_vcpus)")
+        self._need(f"resize_vcpus {n}", VmState.RUNNING)
+        if n == self.vcpus:
+            return n
+        from katapy.vmm.api import VmmError
+
+        old = self.vcpus
+        try:
+            got: int = await trio.to_thread.run_sync(self._vmm.resize_vcpus, n)
+        except VmmError as exc:
+            self._vcpus = await trio.to_thread.run_sync(self._vmm.vcpu_count)
+            raise HypervisorError(f"resize_vcpus {old} -> {n}: {exc} (the VM has {self._vcpus} vCPUs)") from None
+        self._vcpus = got
+        _log.info("vcpus resized", sandbox=self.cfg.sandbox_id, old=old, new=got)
+        return got
 
     async def resize_memory(self, mib: int) -> int:
         """Hot-add or remove RAM above the boot size (katapy.vmm.memory_hotplug: 128 MiB blocks, upcall
@@ -152,6 +188,65 @@ class BuiltinHypervisor(SandboxVm):
         self._memory = got
         _log.info("memory resized", sandbox=self.cfg.sandbox_id, old_mib=old, new_mib=got)
         return got
+
+    # -- device hotplug (katapy.vmm.device_hotplug) ------------------------------------
+    def _device_ids(self) -> set[str]:
+        return super()._device_ids() | set(self._hot) | {d.dev_id for d in self._devices}
+
+    async def _hotplug(self, dev: Device) -> None:
+        """Build the block/net back end and plug it into a free virtio-mmio slot of the running VM;
+        returns once the guest has bound its driver (upcall ADD_MMIO answered)."""
+        from katapy.vmm.api import VmmError
+
+        try:
+            # one worker-thread call: a cancellation cannot fall between opening the back end and handing it over
+            base, irq = await trio.to_thread.run_sync(self._plug_sync, dev)
+        except (OSError, ValueError, VmmError) as exc:  # the back end could not be built, or the VMM closed it
+            raise HypervisorError(f"add_device {dev.dev_id}: {exc}") from None
+        _log.info("device hot-plugged", sandbox=self.cfg.sandbox_id if self.cfg else "", device=dev.dev_id,
+                  base=hex(base), irq=irq)
+
+    def _plug_sync(self, dev: Device) -> tuple[int, int]:
+        from katapy.vmm.api import DeviceInDoubtError
+
+        sd = cold_device(dev)  # opens the image / dups the tap fd
+        try:
+            base, irq = self._vmm.hotplug_device(sd.device)  # the VMM owns the back end from here
+        except DeviceInDoubtError:
+            self._hot[dev.dev_id] = sd  # still plugged: remove_device can take it out, stop_vm releases it
+            raise
+        self._hot[dev.dev_id] = sd
+        return base, irq
+
+    async def _hotunplug(self, dev_id: str) -> None:
+        """Have the guest unbind the device (upcall DEL_MMIO), then close it: its image or tap fd is released."""
+        from katapy.vmm.api import VmmError
+
+        sd = self._hot.get(dev_id)
+        if sd is None:
+            if dev_id in self._device_ids():
+                raise UnsupportedError(f"remove_device {dev_id}: it was plugged at start_vm and has no hotplug "
+                                       f"slot; only devices added to the running VM can be unplugged")
+            raise HypervisorError(f"remove_device: no device with id {dev_id!r}")
+        base = self._vmm.device_address(sd.device)
+        if base is None:  # the VMM no longer has it (it stopped meanwhile)
+            del self._hot[dev_id]
+            raise HypervisorError(f"remove_device {dev_id}: the VMM no longer has this device")
+        try:
+            await trio.to_thread.run_sync(self._vmm.unplug_device, base)
+        except VmmError as exc:
+            raise HypervisorError(f"remove_device {dev_id}: {exc}") from None
+        del self._hot[dev_id]
+        _log.info("device unplugged", sandbox=self.cfg.sandbox_id if self.cfg else "", device=dev_id, base=hex(base))
+
+    def guest_device_address(self, dev_id: str) -> int:
+        if not self._started:
+            raise HypervisorError(f"guest_device_address {dev_id}: the VM is not running")
+        sd = self._hot.get(dev_id) or next((d for d in self._devices if d.dev_id == dev_id), None)
+        base = self._vmm.device_address(sd.device) if sd is not None else None
+        if base is None:
+            raise HypervisorError(f"guest_device_address: no device with id {dev_id!r}")
+        return int(base)
 
     async def stop_vm(self) -> None:
         if not self._started:
@@ -205,6 +300,7 @@ class BuiltinHypervisor(SandboxVm):
             if not self._start_called:
                 self._close_devices()
             self._devices = []
+            self._hot = {}  # the VMM's stop() closed them
             if self._console is not None:
                 self._console.close()
                 self._console = None

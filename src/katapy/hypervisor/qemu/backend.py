@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from katapy import log
-from katapy.hypervisor.base import BlockDevice, HypervisorError, NetDevice, VmConfig, VmExit, VmState
+from katapy.hypervisor.base import BlockDevice, HypervisorError, NetDevice, UnsupportedError, VmConfig, VmExit, VmState
 from katapy.hypervisor.common import SandboxVm
 from katapy.hypervisor.devices import sandbox_devices
 from katapy.hypervisor.qemu.command import QemuLaunch, VhostUserPort, build_command
@@ -52,6 +52,8 @@ class QemuHypervisor(SandboxVm):
     vcpus_present_at_boot = True  # -smp <max_vcpus>, guest maxcpus=<vcpus>
     memory_hotplug_missing = ("pc-dimm needs ACPI and virtio-mem a PCI bus; microvm runs with acpi=off and "
                               "has virtio-mmio only")
+    # microvm's virtio-mmio transports are created from the command line; QEMU has no device_add for them
+    device_hotplug_missing = "it has no hotplug bus: its virtio-mmio devices are fixed when QEMU starts"
 
     def __init__(self, binary: Path, accel: str = "tcg", seccomp: bool = True):
         super().__init__()
@@ -142,6 +144,11 @@ class QemuHypervisor(SandboxVm):
         self._state = VmState.RUNNING
 
     # -- observation ---------------------------------------------------------------------
+    def guest_device_address(self, dev_id: str) -> int:
+        """Unsupported: QEMU places its virtio-mmio devices itself (microvm's own allocation)."""
+        raise UnsupportedError(f"guest_device_address {dev_id}: QEMU microvm places its devices itself; "
+                               f"their virtio-mmio addresses are not known to katapy")
+
     def state(self) -> VmState:
         if self._state in (VmState.RUNNING, VmState.PAUSED) and self.qemu is not None and not self.qemu.alive():
             self._state = VmState.STOPPED
