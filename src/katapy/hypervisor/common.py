@@ -118,10 +118,8 @@ class SandboxVm(Hypervisor):
             return self._vcpus
         return self.cfg.vcpus if self.cfg else 0
 
-    async def resize_vcpus(self, n: int) -> int:
-        """Within 1..max_vcpus on a running VM.  A backend with ``vcpus_present_at_boot`` created all
-        max_vcpus vCPUs at start (the guest keeps the extra ones offline, ``maxcpus=``), so the VMM has
-        nothing to add or remove and the count is only recorded; the agent onlines/offlines them."""
+    def _check_vcpus(self, n: int) -> None:
+        """The checks every resize_vcpus makes first: a started VM, 1..max_vcpus, running."""
         if self.cfg is None:
             raise HypervisorError(f"resize_vcpus {n}: the VM was never started")
         limit = self.cfg.max_vcpus
@@ -129,11 +127,17 @@ class SandboxVm(Hypervisor):
             raise HypervisorError(f"resize_vcpus {n}: out of range 1..{limit} (the VM was started with "
                                   f"max_vcpus = {limit}: [hypervisor] max_vcpus)")
         self._need(f"resize_vcpus {n}", VmState.RUNNING)
+
+    async def resize_vcpus(self, n: int) -> int:
+        """Within 1..max_vcpus on a running VM.  A backend with ``vcpus_present_at_boot`` created all
+        max_vcpus vCPUs at start (the guest keeps the extra ones offline, ``maxcpus=``), so the VMM has
+        nothing to add or remove and the count is only recorded; the agent onlines/offlines them."""
+        self._check_vcpus(n)
         if n == self.vcpus:
             return n
         if not self.vcpus_present_at_boot:
             raise UnsupportedError(f"resize_vcpus {self.vcpus} -> {n}: {self.vmm_label} has no CPU hotplug")
-        _log.info("vcpus resized", sandbox=self.cfg.sandbox_id, old=self.vcpus, new=n, present=limit)
+        _log.info("vcpus resized", sandbox=self.cfg.sandbox_id, old=self.vcpus, new=n, present=self.cfg.max_vcpus)
         self._vcpus = n
         return n
 

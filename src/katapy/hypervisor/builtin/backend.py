@@ -144,13 +144,7 @@ class BuiltinHypervisor(SandboxVm):
     async def resize_vcpus(self, n: int) -> int:
         """Hot-add or remove vCPUs (katapy.vmm.vcpu_hotplug: KVM vCPUs created or parked, upcall ADD_CPU/DEL_CPU
         to the guest, which onlines/offlines them); returns the count after.  Range: 1..max_vcpus, VM running."""
-        if self.cfg is None:
-            raise HypervisorError(f"resize_vcpus {n}: the VM was never started")
-        limit = self.cfg.max_vcpus
-        if not 1 <= n <= limit:
-            raise HypervisorError(f"resize_vcpus {n}: out of range 1..{limit} (the VM was started with "
-                                  f"max_vcpus = {limit}: [hypervisor] max_vcpus)")
-        self._need(f"resize_vcpus {n}", VmState.RUNNING)
+        self._check_vcpus(n)
         if n == self.vcpus:
             return n
         from katapy.vmm.api import VmmError
