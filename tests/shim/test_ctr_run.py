@@ -136,6 +136,15 @@ def _wait_status(c: PrivateContainerd, cid: str, status: str, timeout: float) ->
     return False
 
 
+def _why_not_stopped(c: PrivateContainerd, cid: str) -> str:
+    """What ``ctr task ls`` says and the shim's own lines about ``cid`` (the log is long: only its end)."""
+    ls = c.ctr("task", "ls", check=False)
+    shim = [ln for ln in c.log_path.read_text(errors="replace").splitlines()
+            if f"'{cid}'" in ln and ("shim" in ln or "agent" in ln)]
+    return (f"ctr task ls ({ls.returncode}): {ls.stdout}{ls.stderr}\n--- the shim's last lines ---\n"
+            + "\n".join(shim[-30:]))
+
+
 def test_sigkill_from_outside_exits_137(containerd: PrivateContainerd) -> None:
     """SIGKILL of the container's init gives 128+9.  (From inside, ``kill -9 $$`` by PID 1 is ignored by
     the kernel, with runc as well, so the signal comes from ``ctr task kill``.)"""
@@ -266,7 +275,7 @@ def test_containerd_restart_reconnects_to_the_running_shim(containerd: PrivateCo
         res = c.ctr("task", "exec", "--exec-id", "after", "kr-restart", "echo", "still-here")
         assert res.stdout.strip() == "still-here"
         c.ctr("task", "kill", "-s", "SIGKILL", "kr-restart")
-        assert _wait_status(c, "kr-restart", "STOPPED", 60)
+        assert _wait_status(c, "kr-restart", "STOPPED", 60), _why_not_stopped(c, "kr-restart")
     finally:
         c.ctr("task", "delete", "-f", "kr-restart", check=False)
         c.ctr("containers", "rm", "kr-restart", check=False)
