@@ -4,7 +4,8 @@ As PID 1 (``/init`` execs it) it finishes system set-up that /init may have
 skipped, reaps every zombie, reads ``katapy.agent_port`` and ``katapy.log``
 from /proc/cmdline, listens on AF_VSOCK (VMADDR_CID_ANY, port), serves port
 forwarding on vsock port 1026 (``katapy.agent.portforward``) and the upcall
-channel on port 0xDB (``katapy.agent.upcall``), sends its log
+channel on port 0xDB (``katapy.agent.upcall``), the debug console on port
+1027 when ``katapy.debug_console=1`` (``katapy.agent.console``), sends its log
 to host port 1025 when the host listens, and prints
 ``katapy-agent: ready port=<port>`` on the console.
 
@@ -153,6 +154,14 @@ def main(argv: list[str]) -> int:
             UpcallServer(listen(f"vsock:{UPCALL_PORT}")).start()
         except OSError as exc:  # without it hotplug fails on the host side; the agent's API matters more
             log.error("upcall not served", port=UPCALL_PORT, error=str(exc))
+        if params.get("katapy.debug_console") == "1":  # the host's debug_console = true
+            from katapy.agent.console.server import ConsoleServer
+            from katapy.agent.console.wire import DEBUG_CONSOLE_PORT
+
+            try:
+                ConsoleServer(listen(f"vsock:{DEBUG_CONSOLE_PORT}"), reaper).start()
+            except OSError as exc:
+                log.error("debug console not served", port=DEBUG_CONSOLE_PORT, error=str(exc))
     ready = f"port={where}" if kind == "vsock" else f"listen={listen_spec}"
     print(f"katapy-agent: ready {ready}", flush=True)
     log.info("agent ready", listen=listen_spec, pid=os.getpid(), init=is_init, uptime_s=_uptime())

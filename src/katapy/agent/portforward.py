@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 from katapy.agent import log
+from katapy.agent.acceptor import Acceptor
 
 PORT_FORWARD_PORT = 1026  # the guest vsock port the agent serves these streams on
 LOOPBACK = "127.0.0.1"
@@ -39,7 +39,6 @@ STATUS_MAX = 256
 MAX_CONNECTIONS = 64
 SETUP_TIMEOUT_S = 10.0  # the header, and the TCP connect to the container's port
 CHUNK = 64 * 1024
-ACCEPT_BACKOFF_S = 0.1  # after accept(2) fails (EMFILE, ENOMEM): do not spin
 
 
 class RequestError(ValueError):
@@ -174,36 +173,17 @@ def _refuse(conn: socket.socket, why: str, port: int = 0) -> None:
         pass
 
 
-class Forwarder:
+class Forwarder(Acceptor):
     """The accept loop on the port-forward vsock listener: one thread per stream, at most ``max_connections``."""
 
+    name = "port-forward"
+
     def __init__(self, listener: socket.socket, max_connections: int = MAX_CONNECTIONS) -> None:
-        self.listener = listener
-        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(listener, max_connections)
 
-    def start(self) -> None:
-        threading.Thread(target=self.serve, name="port-forward", daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        handle(conn)
 
-    def serve(self) -> None:
-        """Accept until the listener is closed."""
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:
-                if self.listener.fileno() < 0:
-                    return
-                log.warning("port forward accept failed", error=str(exc))
-                time.sleep(ACCEPT_BACKOFF_S)
-                continue
-            if not self._slots.acquire(blocking=False):
-                conn.settimeout(SETUP_TIMEOUT_S)
-                _refuse(conn, "too many port-forward connections")
-                conn.close()
-                continue
-            threading.Thread(target=self._run, args=(conn,), name="port-forward-conn", daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            handle(conn)
-        finally:
-            self._slots.release()
+    def refuse(self, conn: socket.socket) -> None:
+        conn.settimeout(SETUP_TIMEOUT_S)
+        _refuse(conn, "too many port-forward connections")

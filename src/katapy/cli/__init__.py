@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vmm": ("katapy.cli.vmm", "boot a kernel with the built-in VMM from a JSON/TOML description"),
     "sandbox": ("katapy.cli.sandbox", "start a sandbox VM and talk to its agent (health check)"),
     "harness": ("katapy.testing.harness", "run a command inside the nested KVM harness VM"),
+    "exec": ("katapy.cli.console", "a shell or a command in a sandbox's VM (needs debug_console = true)"),
     "monitor": ("katapy.cli.monitor", "serve every sandbox's Prometheus metrics on HOST:PORT (kata-monitor)"),
 }
 

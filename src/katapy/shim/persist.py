@@ -26,6 +26,8 @@ class SandboxRecord:
     containers: list[str] = field(default_factory=list)
     pod_name: str = ""  # CRI's io.kubernetes.cri.sandbox-name, when the sandbox is a pod
     pod_namespace: str = ""  # io.kubernetes.cri.sandbox-namespace
+    agent_socket: str = ""  # the VMM's hybrid-vsock socket (``katapy exec`` dials the debug console there)
+    debug_console: bool = False  # the guest serves the debug console (``debug_console = true``)
 
     def save(self) -> None:
         d = Path(self.sandbox_dir)

@@ -123,6 +123,8 @@ class SandboxManager:
             await self.hypervisor.start_vm(vmcfg)
             self.times.vm_start_s = time.monotonic() - t0
             self.record.vmm_pid = self.vmm_pid
+            self.record.agent_socket = str(self.hypervisor.agent_socket())
+            self.record.debug_console = vmcfg.debug_console
             self.record.save()
             log_path = Path(f"{self.hypervisor.agent_socket()}_{self.config.agent.log_port}")
             self.agent_log = await self.nursery.start(AgentLogForwarder(log_path, self._log).run)
