@@ -11,7 +11,7 @@ CFFI_STAMP := $(VENV)/.cffi-built
 PYTEST_ARGS ?=
 CONTAINERD_CONFIG ?= /etc/containerd/config.toml
 
-.PHONY: setup deps venv protos cffi kernel image test demo bench install clean check
+.PHONY: setup deps venv protos cffi kernel image test demo bench fuzz install clean check
 
 setup: deps venv protos cffi kernel image
 
@@ -53,6 +53,11 @@ demo: setup install
 
 bench: setup
 	$(VPY) -m benchmarks.run
+
+# Every fuzz target for FUZZ_CASES cases (atheris, one process at a time); non-zero exit on a crash.
+FUZZ_CASES ?= 100000
+fuzz: venv
+	$(VPY) -m fuzz.run --cases $(FUZZ_CASES)
 
 install: venv protos cffi
 	bash scripts/install.sh

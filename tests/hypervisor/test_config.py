@@ -142,3 +142,15 @@ def test_shipped_files_are_valid(name: str) -> None:
     cfg = config.load(REPO / "configs" / f"configuration-{name}.toml", check_files=False)
     assert cfg.hypervisor.name == name
     assert config.HypervisorConfig().kernel == cfg.hypervisor.kernel  # default artifact paths, not hard-coded
+
+
+def test_to_toml_escapes_control_characters(tmp_path: Path) -> None:
+    """Found by fuzz/targets/oci_config.py: a kernel_params holding a form feed (legal in TOML as
+    ``\\f``) was printed raw by to_toml, which tomllib then refused."""
+    import tomllib
+
+    p = _write(tmp_path, '[hypervisor]\nkernel_params = "a\\fb\\u0001c\\u007f\\\\ \\"q\\" \\t"\n')
+    cfg = config.load(p, check_files=False)
+    assert cfg.hypervisor.kernel_params == 'a\fb\x01c\x7f\\ "q" \t'
+    again = config.from_dict(tomllib.loads(config.to_toml(cfg)), source=p, check_files=False)
+    assert again == cfg

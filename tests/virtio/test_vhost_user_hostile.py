@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from katapy.testing import fds
-from katapy.vmm.memory import GuestMemory
+from katapy.vmm.memory import GuestMemory, GuestMemoryError
 from katapy.vmm.virtio.blk import BlockDevice
 from katapy.vmm.virtio.blk.request import HEADER as BLK_HEADER, RequestType, Status
 from katapy.vmm.virtio.device import VIRTIO_F_VERSION_1
@@ -361,3 +361,32 @@ def test_unpollable_kick_fd_is_refused(server):
         os.close(fd)
     fds.wait_released(before)
     good_session(server)
+
+
+def test_region_past_the_end_of_its_fd_is_refused_not_mapped(server):
+    """Found by fuzz/targets/vhost_user.py's design review: a region larger than its memfd mapped
+    fine, and the first ring access past the file's end would SIGBUS the whole back end."""
+    before = fds.snapshot()
+    fe = FrontEnd(server.socket_path)
+    fd = memfd(RAM // 2)
+    try:
+        fe.send(Request.SET_MEM_TABLE, mem_table([(0, RAM, USER_BASE, 0)]), [fd])
+        assert fe.disconnected(), "a region past the end of its fd was accepted"
+    finally:
+        fe.close()
+        os.close(fd)
+    fds.wait_released(before)
+    assert logged(server, "runs past the end")
+    good_session(server)
+
+
+def test_guest_memory_from_fds_refuses_a_region_past_the_file_end():
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    try:
+        with pytest.raises(GuestMemoryError, match="past the end"):
+            GuestMemory.from_fds([(0, 8192, fd, 0)])
+        with pytest.raises(GuestMemoryError, match="past the end"):
+            GuestMemory.from_fds([(0, 4096, fd, 4096)])
+    finally:
+        os.close(fd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -103,6 +104,11 @@ class GuestMemory:
         try:
             for base, size, fd, offset in specs:
                 total = offset + size
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size < total:
+                    # pages past the end of the file would SIGBUS the VMM at the first access
+                    raise GuestMemoryError(f"region {base:#x}+{size:#x} at offset {offset:#x} runs past the "
+                                           f"end of its {st.st_size:#x}-byte file")
                 m = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 regions.append(MemoryRegion(GuestAddress(base), size, fd, offset, m, _host_address(m) + offset))
         except BaseException:
