@@ -11,7 +11,7 @@ CFFI_STAMP := $(VENV)/.cffi-built
 PYTEST_ARGS ?=
 CONTAINERD_CONFIG ?= /etc/containerd/config.toml
 
-.PHONY: setup deps venv protos cffi kernel image test demo bench fuzz install clean check
+.PHONY: setup deps venv protos cffi kernel guest-kernel harness-kernel image test demo bench fuzz install clean check
 
 setup: deps venv protos cffi kernel image
 
@@ -38,17 +38,27 @@ $(CFFI_STAMP): $(CFFI_SRC) | $(VENV)/.installed
 
 cffi: $(CFFI_STAMP)
 
-kernel: protos
+kernel: guest-kernel harness-kernel
+
+guest-kernel: protos
 	$(VPY) -m katapy.osbuilder kernel --flavor guest
+
+# the nested KVM harness's L1 kernel: only the kvm tests and benchmarks use it (make demo does not)
+harness-kernel: protos
 	$(VPY) -m katapy.osbuilder kernel --flavor harness
 
 image: protos
 	$(VPY) -m katapy.osbuilder image
 
-test: setup
+test:
+	@bash scripts/first-run.sh test
+	@$(MAKE) --no-print-directory setup
 	$(VPY) -m pytest -ra $(PYTEST_ARGS)
 
-demo: setup install
+# what the demo needs, no more: not the harness kernel
+demo:
+	@bash scripts/first-run.sh demo
+	@$(MAKE) --no-print-directory deps venv protos cffi guest-kernel image install
 	bash scripts/demo.sh
 
 bench: setup

@@ -83,3 +83,31 @@ def test_guest_image_contents():
         assert needed in names, f"{needed} not in the image"
     # sourceless: compiled modules only, no .py to stat or read at import
     assert not [n for n in names if n.startswith("usr/lib/katapy/") and n.endswith(".py")]
+
+
+def test_a_kernel_build_reports_its_progress_against_the_last_recorded_build(tmp_path, monkeypatch, capsys):
+    """The estimate comes from the last build of the flavor recorded in a cache manifest; while kbuild
+    writes its log, a line says the steps done of those expected and the time left."""
+    import threading
+    import time
+
+    monkeypatch.setenv("KATAPY_CACHE", str(tmp_path))
+    assert kernel.expected_build("guest") == (kernel.DEFAULT_STEPS, None)  # nothing recorded yet
+    old = tmp_path / "kernel" / "guest-0123"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"key": "0123", "flavor": "guest", "sha256": {},
+                                                   "steps": 200, "build_s": 300}))
+    assert kernel.expected_build("guest") == (200, 300.0)
+    assert kernel.expected_build("harness") == (kernel.DEFAULT_STEPS, None)
+    log = tmp_path / "build.log"
+    log.write_bytes(b"  HOSTCC  scripts/basic/fixdep\n" + b"".join(b"  CC      kernel/f%d.o\n" % i for i in range(99))
+                    + b"make[1]: Entering directory\n")
+    monkeypatch.setattr(kernel, "PROGRESS_EVERY_S", 0.05)
+    done = threading.Event()
+    t = threading.Thread(target=kernel._report_progress, args=("guest", log, done, time.monotonic() - 60, (200, 300.0)))
+    t.start()
+    time.sleep(0.3)
+    done.set()
+    t.join(5)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "build steps" in ln]
+    assert lines and "guest: 100/~200 build steps (50%), 1.0 min, ~1 min left" in lines[-1], lines

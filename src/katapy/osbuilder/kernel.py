@@ -25,6 +25,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from katapy import paths
 
@@ -173,10 +174,60 @@ def _source_tree() -> Path:
     return src
 
 
-def _make(src: Path, out: Path, *targets: str, log: Path) -> None:
+#: seconds between two progress lines of a kernel build
+PROGRESS_EVERY_S = 20.0
+#: kbuild's lines for one step of work (a compile, an assembly, a link, ...), counted in the build log
+_STEP = re.compile(rb"^  (CC|AS|LD|AR|HOSTCC|HOSTLD|OBJCOPY|GEN|UPD|CPP|VDSO|RELOCS|MKPIGGY|ZOFFSET|VOFFSET) ", re.M)
+#: steps of a full guest or harness build (tinyconfig + fragments, 6.1), measured: the estimate before any
+#: build on this machine recorded its own count
+DEFAULT_STEPS = 1850
+
+
+def _steps(log: Path) -> int:
+    try:
+        return len(_STEP.findall(log.read_bytes()))
+    except OSError:
+        return 0
+
+
+def expected_build(flavor: str) -> tuple[int, float | None]:
+    """(steps, seconds) the last recorded build of ``flavor`` on this machine took, from any cache entry's
+    manifest; (DEFAULT_STEPS, None) when none recorded it."""
+    best: tuple[int, float | None] = (DEFAULT_STEPS, None)
+    for m in (paths.cache_dir() / "kernel").glob(f"{flavor}-*/manifest.json"):
+        try:
+            rec = json.loads(m.read_text())
+            steps, secs = int(rec["steps"]), float(rec["build_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if steps > 0 and secs > 0:
+            best = (steps, secs)
+    return best
+
+
+def _report_progress(flavor: str, log: Path, done: Any, t0: float, expected: tuple[int, float | None]) -> None:
+    """A line every PROGRESS_EVERY_S while kbuild runs: steps done of those expected, elapsed, time left."""
+    want, _ = expected
+    while not done.wait(PROGRESS_EVERY_S):
+        n, elapsed = _steps(log), time.monotonic() - t0
+        frac = min(n / want, 0.99) if want else 0.0
+        left = f", ~{elapsed / frac * (1 - frac) / 60:.0f} min left" if frac > 0.05 else ""
+        _progress(f"{flavor}: {n}/~{want} build steps ({frac:.0%}), {elapsed / 60:.1f} min{left}")
+
+
+def _make(src: Path, out: Path, *targets: str, log: Path, progress: tuple[str, tuple[int, float | None]] | None = None) -> None:
+    import threading
+
     cmd = ["make", "-C", str(src), f"O={out}", "ARCH=x86_64", f"-j{os.cpu_count() or 2}", *targets]
-    with log.open("ab") as lf:
-        r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
+    done = threading.Event()
+    if progress is not None:
+        threading.Thread(target=_report_progress, args=(progress[0], log, done, time.monotonic(), progress[1]),
+                         daemon=True).start()
+    try:
+        with log.open("ab") as lf:
+            r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
+    finally:
+        done.set()
     if r.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise KernelBuildError(f"`{' '.join(cmd)}` failed ({r.returncode}); last lines of {log}:\n" + "\n".join(tail))
@@ -220,13 +271,16 @@ def build(flavor: str, fragment_dir: Path = FRAGMENT_DIR, force: bool = False) -
             f"the resolved kernel config lacks options that {', '.join(str(f) for f in frags)} ask for:\n  "
             + "\n  ".join(missing)
         )
-    _progress(f"{flavor}: building vmlinux and bzImage (log: {log})")
-    _make(src, out, "vmlinux", "bzImage", log=log)
+    steps, secs = expected = expected_build(flavor)
+    took = f"~{secs / 60:.0f} min here last time" if secs else f"several minutes on {os.cpu_count()} cores"
+    _progress(f"{flavor}: building vmlinux and bzImage, ~{steps} steps, {took} (log: {log})")
+    _make(src, out, "vmlinux", "bzImage", log=log, progress=(flavor, expected))
     shutil.copyfile(out / "vmlinux", entry.vmlinux)
     shutil.copyfile(out / "arch" / "x86" / "boot" / "bzImage", entry.bzimage)
     shutil.copyfile(out / ".config", entry.config)
     sums = {n: _sha256(entry.directory / n) for n in ("vmlinux", "bzImage", "config")}
-    (entry.directory / "manifest.json").write_text(json.dumps({"key": key, "flavor": flavor, "sha256": sums}, indent=1))
+    record = {"key": key, "flavor": flavor, "sha256": sums, "steps": _steps(log), "build_s": round(time.monotonic() - t0)}
+    (entry.directory / "manifest.json").write_text(json.dumps(record, indent=1))
     _progress(f"{flavor}: built in {time.monotonic() - t0:.0f} s: bzImage {entry.bzimage.stat().st_size // 1024} KiB")
     link_artifacts(entry)
     return entry
