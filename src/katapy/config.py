@@ -13,7 +13,7 @@ Sections and keys (every key optional)::
 
     [hypervisor]  name path kernel initrd kernel_params default_vcpus default_memory
                   max_vcpus max_memory shared_fs debug_console
-    [agent]       port log_port dial_timeout
+    [agent]       port log_port dial_timeout request_timeout
     [runtime]     log_level state_dir
 
 Validation is strict: an unknown section or key, a value of the wrong type or
@@ -68,6 +68,7 @@ class AgentConfig:
     port: int = 1024
     log_port: int = 1025
     dial_timeout: float = 60.0  # seconds
+    request_timeout: float = 60.0  # seconds an agent request that sets up a sandbox or container may take
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def validate(cfg: KatapyConfig, *, check_files: bool = True, where: str | None =
         raise bad("agent", "log_port", agent.log_port, "must differ from port")
     if not agent.dial_timeout > 0:
         raise bad("agent", "dial_timeout", agent.dial_timeout, "must be a positive number of seconds")
+    if not agent.request_timeout > 0:
+        raise bad("agent", "request_timeout", agent.request_timeout, "must be a positive number of seconds")
     if rt.log_level not in LOG_LEVELS:
         raise bad("runtime", "log_level", rt.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
     if not rt.state_dir.is_absolute():

@@ -36,6 +36,7 @@ max_memory = 2048
 
 [agent]
 dial_timeout = 120.0
+request_timeout = 240.0  # the harness's L2 guest is slow: no set-up request may be cut short by the default
 """)
     return cfg
 

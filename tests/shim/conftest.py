@@ -1,15 +1,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from .containerd import PrivateContainerd
-
-IMAGE = "docker.io/katapy/busybox:latest"
+from .containerd import PrivateContainerd, private_containerd
 
 
 def _need_tools() -> None:
@@ -22,13 +18,5 @@ def _need_tools() -> None:
 def containerd() -> Iterator[PrivateContainerd]:
     """A private containerd (module-scoped: starting one costs ~1 s) with the busybox image imported."""
     _need_tools()
-    from katapy.testing.busybox_image import build
-
-    base = Path(tempfile.mkdtemp(prefix="katapy-ctrd-", dir="/tmp"))
-    c = PrivateContainerd(base)
-    try:
-        c.start()
-        c.import_image(build(base / "busybox.tar", IMAGE))
+    with private_containerd() as c:
         yield c
-    finally:
-        c.cleanup()

@@ -6,15 +6,20 @@ test directory (KATAPY_STATE), so nothing is shared with a system install.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+IMAGE = "docker.io/katapy/busybox:latest"  # what private_containerd imports
 CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
@@ -168,3 +173,90 @@ def shim_pids(katapy_state: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@contextlib.contextmanager
+def private_containerd(extra_env: dict[str, str] | None = None) -> Iterator[PrivateContainerd]:
+    """A started PrivateContainerd with the busybox image imported; everything it ran is stopped after."""
+    from katapy.testing.busybox_image import build
+
+    base = Path(tempfile.mkdtemp(prefix="katapy-ctrd-", dir="/tmp"))
+    c = PrivateContainerd(base, extra_env)
+    try:
+        c.start()
+        c.import_image(build(base / "busybox.tar", IMAGE))
+        yield c
+    finally:
+        c.cleanup()
+
+
+def leftovers(c: PrivateContainerd, prefix: str, ids: Iterable[str] = (), settle_s: float = 15.0) -> list[str]:
+    """What the runs of containers ``ids`` (all named ``prefix``...) left behind, after giving shims
+    ``settle_s`` to exit: katapy state entries, shim, QEMU and virtiofsd processes, mounts, shim sockets,
+    sandbox cgroups (``katapy/<prefix>*`` in every hierarchy), netns and host links named by an id."""
+    ids = tuple(ids)
+    shims_left(c.katapy_state, settle_s)
+    found = []
+    if c.katapy_state.exists():
+        found += [f"state {p}" for p in c.katapy_state.iterdir()]
+    found += [f"shim pid {p}" for p in shim_pids(c.katapy_state)]
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if str(c.katapy_state) in line]
+    sockets = {hashlib.sha256(f"{c.address}/{c.namespace}/{cid}".encode()).hexdigest() for cid in ids}
+    found += [f"socket {p}" for p in Path("/run/containerd/s").glob("*") if p.name in sockets]
+    cgroups = Path("/sys/fs/cgroup")
+    found += [f"cgroup {p}" for p in [*cgroups.glob(f"katapy/{prefix}*"), *cgroups.glob(f"*/katapy/{prefix}*")]
+              if _ours(c, p)]
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    found += [f"process {line}" for line in out.splitlines()
+              if ("qemu-system" in line or "virtiofsd" in line) and str(c.katapy_state) in line]
+    named = [*Path("/run/netns").glob("*"), *Path("/sys/class/net").glob("*")]
+    found += [f"netns or link {p}" for p in named for cid in ids if cid in p.name]
+    return found
+
+
+def _ours(c: PrivateContainerd, cgroup: Path) -> bool:
+    """A sandbox cgroup of this containerd: empty (leaked), or holding a process started with its KATAPY_STATE
+    (cgroup names are host-wide, and another run of the same tests may be using the same container ids)."""
+    marker = f"KATAPY_STATE={c.katapy_state}".encode()
+    try:
+        pids = (cgroup / "cgroup.procs").read_text().split()
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue
+    return not pids
+
+
+def require_guest() -> None:
+    from katapy import paths
+
+    if not paths.guest_initramfs().exists():
+        pytest.skip(f"guest image {paths.guest_initramfs()} is not built yet (make image)")
+    from katapy import config as config_mod
+
+    try:
+        cfg = config_mod.load()
+    except config_mod.ConfigError as exc:
+        pytest.skip(f"no usable katapy configuration for a VM: {exc}")
+    try:
+        from katapy import hypervisor
+
+        hypervisor.select(cfg)
+    except Exception as exc:  # a backend module not landed yet
+        pytest.skip(f"hypervisor backend unavailable: {exc}")
+
+
+def wait_status(c: PrivateContainerd, cid: str, status: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in c.ctr("task", "ls", check=False).stdout.splitlines():
+            if line.split()[:1] == [cid] and status in line:
+                return True
+        time.sleep(0.5)
+    return False
+

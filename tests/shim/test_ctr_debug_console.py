@@ -24,7 +24,7 @@ import pytest
 
 from katapy.shim.persist import SandboxRecord
 
-from .containerd import PrivateContainerd
+from .containerd import PrivateContainerd, private_containerd
 from .test_ctr_run import BOOT_TIMEOUT, IMAGE, RUNTIME, _leftovers, _require_guest
 
 CID = "kr-console"
@@ -34,22 +34,17 @@ KATAPY_EXEC = [sys.executable, "-m", "katapy.cli", "exec"]
 @pytest.fixture(scope="module")
 def console_containerd() -> Iterator[PrivateContainerd]:
     """A private containerd whose shims read a configuration with ``debug_console = true``."""
-    from katapy.testing.busybox_image import build
-
     for tool in ("containerd", "ctr"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
-    base = Path(tempfile.mkdtemp(prefix="katapy-ctrd-", dir="/tmp"))  # short: unix socket paths
-    cfg = base / "configuration.toml"
+    etc = Path(tempfile.mkdtemp(prefix="katapy-dbgcfg-", dir="/tmp"))
+    cfg = etc / "configuration.toml"
     cfg.write_text("[hypervisor]\ndebug_console = true\n")
-    c = PrivateContainerd(base, extra_env={"KATAPY_CONFIG": str(cfg)})
     try:
-        c.start()
-        c.import_image(build(base / "busybox.tar", IMAGE))
-        yield c
+        with private_containerd({"KATAPY_CONFIG": str(cfg)}) as c:
+            yield c
     finally:
-        c.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(etc, ignore_errors=True)
 
 
 def _exec(c: PrivateContainerd, *args: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 SHARED_FS_TAG = "katapy-shared"
 AGENT_SHUTDOWN_TIMEOUT_S = 5.0
 CONSOLE_LOG_BYTES = 3000  # of the VM console's end, logged when the agent does not answer
+T = TypeVar("T")
 
 
 @dataclass
@@ -138,8 +139,8 @@ class SandboxManager:
             t0 = time.monotonic()
             share = Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
                             mount_point=GUEST_SHARED_DIR)
-            await self.agent.create_sandbox(hostname=hostname, dns=dns, sandbox_id=self.sandbox_id,
-                                            storages=[share])
+            await self.agent_request("CreateSandbox", self.agent.create_sandbox(
+                hostname=hostname, dns=dns, sandbox_id=self.sandbox_id, storages=[share]))
             self.times.create_sandbox_s = time.monotonic() - t0
             self.cpu = CpuResource(self._vcpu_policy(vmcfg, sizing), self.hypervisor, self.agent, self.sandbox_id)
             self.memory = MemoryResource(self._memory_policy(vmcfg, sizing), self.hypervisor, self.sandbox_id)
@@ -153,6 +154,8 @@ class SandboxManager:
             self._log.error("sandbox start failed", error=str(exc))
             with trio.CancelScope(shield=True):
                 await self.stop()
+            if isinstance(exc, OSError):  # the host ran out of something (disk, fds): say where, in which step
+                raise Unavailable(f"sandbox {self.sandbox_id}: cannot create it under {self.dir}: {exc}") from exc
             raise
         self._log.info("sandbox started", backend=self.hypervisor.name, vmm_pid=self.record.vmm_pid,
                        vm_start_s=round(self.times.vm_start_s, 3),
@@ -238,6 +241,23 @@ class SandboxManager:
                             console_tail=tail[-CONSOLE_LOG_BYTES:])
             raise Unavailable(f"sandbox {self.sandbox_id}: {exc.message}; the VM still runs, its console ends: "
                               f"{last_lines(tail)} (more in the shim log)") from None
+
+    async def agent_request(self, method: str, call: Awaitable[T]) -> T:
+        """Await an agent request that sets something up, bounded by ``[agent] request_timeout``: a guest
+        that stopped answering (stuck, its VMM stopped) fails the containerd request instead of hanging it."""
+        timeout = self.config.agent.request_timeout
+        with trio.move_on_after(timeout):
+            return await call
+        tail = self._console_tail()
+        self._log.error("agent did not answer a request", method=method, timeout_s=timeout,
+                        console_tail=tail[-CONSOLE_LOG_BYTES:])
+        raise Unavailable(f"sandbox {self.sandbox_id}: the agent did not answer {method} within {timeout:g}s "
+                          f"([agent] request_timeout); the guest is stuck or its VMM is stopped")
+
+    def _console_tail(self) -> str:
+        from katapy.hypervisor.agent_dial import console_tail
+
+        return console_tail(self._console)
 
     async def _hold_agent(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, hand the client to ``start``, and keep it open until ``stop`` releases it."""
