@@ -132,6 +132,43 @@ def test_exec_into_running_container(agent_target: AgentTarget) -> None:
     trio.run(main)
 
 
+def test_list_processes_names_init_execs_and_children(agent_target: AgentTarget) -> None:
+    """ListProcesses reads the container's cgroup: init (exec id ""), an exec (its id), init's child (None)."""
+    from katapy.ttrpc.errors import NotFound
+
+    async def listed(agent: AgentClient, cid: str, want: int) -> list[tuple[int, str | None]]:
+        with trio.fail_after(30):
+            while len(rows := await agent.list_processes(cid)) != want:
+                await trio.sleep(0.2)
+        return [(p.pid, p.exec_id) for p in rows]
+
+    async def main() -> None:
+        async with await agent_target.connect() as agent:
+            await agent.create_sandbox("pod", [], "sb1", agent_target.sandbox_storages())
+            cid = "ps"
+            await agent.create_container(cid, cid, make_spec(agent_target.rootfs(cid), ["sh", "-c", "sleep 300 & wait"],
+                                                             cid))
+            await agent.start_container(cid)
+            await agent.exec_process(cid, "e1", process_spec(["sleep", "200"]))
+            rows = await listed(agent, cid, 3)
+            assert [p for p, _ in rows] == sorted(p for p, _ in rows)
+            assert sorted((e is None, e or "") for _, e in rows) == [(False, ""), (False, "e1"), (True, "")], rows
+            await agent.signal_process(cid, "e1", 9)
+            assert await agent.wait_process(cid, "e1") == 137
+            assert sorted(str(e) for _, e in await listed(agent, cid, 2)) == ["", "None"]
+            await agent.signal_process(cid, cid, 9)
+            await agent.wait_process(cid, cid)
+            await agent.remove_container(cid, 10)
+            try:
+                await agent.list_processes(cid)
+            except NotFound:
+                pass
+            else:
+                raise AssertionError("ListProcesses of a removed container answered")
+
+    trio.run(main)
+
+
 def test_container_cannot_reach_the_agents_root(agent_target: AgentTarget) -> None:
     """A container process with CAP_SYS_ADMIN that lazily unmounts its own ``/`` still sees only its
     rootfs, nothing of the agent's root filesystem (its /usr).  In a guest crun runs with --no-pivot

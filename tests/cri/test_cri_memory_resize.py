@@ -184,3 +184,27 @@ def test_qemu_pod_keeps_its_memory_and_refuses_an_update_that_needs_more(pod_on)
     r = cl.exec_sync(app, ["sh", "-c", 'cat "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"'])
     assert r.stdout.strip() == str(256 * MIB).encode(), r.stdout
     assert _mem_total_mib(cl, app) == boot_total
+
+
+@pytest.mark.parametrize("pod_on", ["qemu"], indirect=True)
+def test_an_oom_kill_in_the_guest_reaches_cri_as_oomkilled(pod_on, memhog):
+    """A container past its memory limit is killed by the guest kernel's OOM killer (its cgroup's
+    memory.max); the agent's GetOOMEvent gives it to the shim, which publishes TaskOOM, and containerd's
+    CRI reports the container as exited with reason OOMKilled (Kata's GetOOMEvent path)."""
+    c, pod_id, config = pod_on
+    cl = c.client
+    mark = _log_mark(c)
+    hog = cl.create_container(pod_id, config, "hog", ["/hog/memhog", "200"], mounts=_hog_mount(memhog),
+                              linux=cri.LinuxContainerConfig(resources=_limit(64)))
+    cl.start_container(hog)
+    st = cl.wait_state(hog, cri.CONTAINER_EXITED, timeout=120)
+    with open(c.log_path, errors="replace") as f:
+        f.seek(mark)
+        log = f.read()
+    assert (st.state, st.exit_code, st.reason) == (cri.CONTAINER_EXITED, 137, "OOMKilled"), (
+        st.state, st.exit_code, st.reason, st.message, log[-3000:])
+    # the pod and its other containers go on
+    app = cl.create_container(pod_id, config, "after", ["sleep", "3600"])
+    cl.start_container(app)
+    assert cl.wait_state(app, RUNNING).state == RUNNING
+    assert cl.exec_sync(app, ["true"]).exit_code == 0

@@ -7,6 +7,7 @@ one containerd and keeps the number of VMs modest.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,31 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from katapy import paths
-
-from .containerd import PrivateContainerd, shim_pids, shims_left
+from .containerd import PrivateContainerd, leftovers, shim_pids, wait_status
+from .containerd import require_guest as _require_guest
 
 pytestmark = [pytest.mark.containerd, pytest.mark.guest, pytest.mark.slow]
 RUNTIME = "io.containerd.katapy.v2"
 IMAGE = "docker.io/katapy/busybox:latest"
 BOOT_TIMEOUT = 300
-
-
-def _require_guest() -> None:
-    if not paths.guest_initramfs().exists():
-        pytest.skip(f"guest image {paths.guest_initramfs()} is not built yet (make image)")
-    from katapy import config as config_mod
-
-    try:
-        cfg = config_mod.load()
-    except config_mod.ConfigError as exc:
-        pytest.skip(f"no usable katapy configuration for a VM: {exc}")
-    try:
-        from katapy import hypervisor
-
-        hypervisor.select(cfg)
-    except Exception as exc:  # a backend module not landed yet
-        pytest.skip(f"hypervisor backend unavailable: {exc}")
 
 
 @pytest.fixture(autouse=True)
@@ -64,45 +47,12 @@ def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), 
                  input=input)
 
 
+KR_IDS = ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart")
+
+
 def _leftovers(c: PrivateContainerd, settle_s: float = 15.0) -> list[str]:
-    """What the runs left behind, after giving shims ``settle_s`` to exit."""
-    shims_left(c.katapy_state, settle_s)
-    found = []
-    if c.katapy_state.exists():
-        found += [f"state {p}" for p in c.katapy_state.iterdir()]
-    found += [f"shim pid {p}" for p in shim_pids(c.katapy_state)]
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.split()[4]}" for line in f if str(c.katapy_state) in line]
-    found += [f"socket {p}" for p in Path("/run/containerd/s").glob("*") if _socket_of(c, p)]
-    cgroups = Path("/sys/fs/cgroup")
-    found += [f"cgroup {p}" for p in [*cgroups.glob("katapy/kr-*"), *cgroups.glob("*/katapy/kr-*")] if _ours(c, p)]
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    found += [f"qemu {line}" for line in out.splitlines() if "qemu-system" in line and str(c.katapy_state) in line]
-    return found
-
-
-def _ours(c: PrivateContainerd, cgroup: Path) -> bool:
-    """A sandbox cgroup of this containerd: empty (leaked), or holding a process started with its KATAPY_STATE
-    (cgroup names are host-wide, and another run of this module may be using the same container ids)."""
-    marker = f"KATAPY_STATE={c.katapy_state}".encode()
-    try:
-        pids = (cgroup / "cgroup.procs").read_text().split()
-    except OSError:
-        return False
-    for pid in pids:
-        try:
-            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return True
-        except OSError:
-            continue
-    return not pids
-
-
-def _socket_of(c: PrivateContainerd, p: Path) -> bool:
-    import hashlib
-
-    return any(hashlib.sha256(f"{c.address}/{c.namespace}/{cid}".encode()).hexdigest() == p.name
-               for cid in ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart"))
+    """What this module's runs left behind (``containerd.leftovers`` for its ``kr-`` containers)."""
+    return leftovers(c, "kr-", KR_IDS, settle_s)
 
 
 def test_run_prints_guest_kernel_output(containerd: PrivateContainerd) -> None:
@@ -126,16 +76,6 @@ def test_exit_codes_propagate(containerd: PrivateContainerd, code: int) -> None:
     assert res.returncode == code, res.stderr
 
 
-def _wait_status(c: PrivateContainerd, cid: str, status: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in c.ctr("task", "ls", check=False).stdout.splitlines():
-            if line.split()[:1] == [cid] and status in line:
-                return True
-        time.sleep(0.5)
-    return False
-
-
 def _why_not_stopped(c: PrivateContainerd, cid: str) -> str:
     """What ``ctr task ls`` says and the shim's own lines about ``cid`` (the log is long: only its end)."""
     ls = c.ctr("task", "ls", check=False)
@@ -154,7 +94,7 @@ def test_sigkill_from_outside_exits_137(containerd: PrivateContainerd) -> None:
     proc = subprocess.Popen(cmd, env=c.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        assert _wait_status(c, "kr-exit137", "RUNNING", BOOT_TIMEOUT), "container never ran"
+        assert wait_status(c, "kr-exit137", "RUNNING", BOOT_TIMEOUT), "container never ran"
         c.ctr("task", "kill", "-s", "SIGKILL", "kr-exit137")
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 137, err
@@ -198,7 +138,16 @@ def test_detached_exec_ps_pause_metrics_kill_delete(containerd: PrivateContainer
         res = c.ctr("task", "exec", "--exec-id", "e1", "kr-d", "sh", "-c", "echo exec-ok; exit 5", check=False)
         assert res.stdout.strip() == "exec-ok" and res.returncode == 5
         assert "kr-d" in c.ctr("task", "ls").stdout
-        assert c.ctr("task", "ps", "kr-d").stdout.strip()
+        # the container's processes in the guest by guest pid (the init's sh and its sleep), not the VMM's pid
+        vmm_pid = json.loads((c.katapy_state / "kr-d" / "sandbox.json").read_text())["vmm_pid"]
+        deadline = time.monotonic() + 30
+        while True:
+            rows = [ln.split() for ln in c.ctr("task", "ps", "kr-d").stdout.splitlines()[1:] if ln.strip()]
+            if len(rows) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        pids = [int(r[0]) for r in rows]
+        assert len(pids) >= 2 and vmm_pid not in pids and pids == sorted(pids), rows
         c.ctr("task", "pause", "kr-d")
         assert "PAUSED" in c.ctr("task", "ls").stdout
         c.ctr("task", "resume", "kr-d")
@@ -206,7 +155,7 @@ def test_detached_exec_ps_pause_metrics_kill_delete(containerd: PrivateContainer
         metrics = c.ctr("task", "metrics", "kr-d").stdout
         assert "memory" in metrics.lower()
         c.ctr("task", "kill", "-s", "SIGTERM", "kr-d")
-        assert _wait_status(c, "kr-d", "STOPPED", 60)
+        assert wait_status(c, "kr-d", "STOPPED", 60)
         deleted = c.ctr("task", "delete", "kr-d")
         assert "exit code 7" in deleted.stderr, deleted  # ctr warns of the trap's non-zero status
     finally:
@@ -271,11 +220,11 @@ def test_containerd_restart_reconnects_to_the_running_shim(containerd: PrivateCo
         c.stop()
         assert shim_pids(c.katapy_state) == shims, "the shim must outlive containerd"
         c.start()
-        assert _wait_status(c, "kr-restart", "RUNNING", 60)
+        assert wait_status(c, "kr-restart", "RUNNING", 60)
         res = c.ctr("task", "exec", "--exec-id", "after", "kr-restart", "echo", "still-here")
         assert res.stdout.strip() == "still-here"
         c.ctr("task", "kill", "-s", "SIGKILL", "kr-restart")
-        assert _wait_status(c, "kr-restart", "STOPPED", 60), _why_not_stopped(c, "kr-restart")
+        assert wait_status(c, "kr-restart", "STOPPED", 60), _why_not_stopped(c, "kr-restart")
     finally:
         c.ctr("task", "delete", "-f", "kr-restart", check=False)
         c.ctr("containers", "rm", "kr-restart", check=False)

@@ -109,6 +109,18 @@ def read_stats(paths: CgroupPaths) -> Stats:
     return _read_v1(paths)
 
 
+def pids(paths: CgroupPaths) -> list[int]:
+    """Every pid in the cgroup and the cgroups below it (``cgroup.procs``, cgroup v2 / v1 ``pids``), sorted."""
+    top = paths.unified if paths.unified is not None else paths.controller("pids") or paths.controller("memory")
+    if top is None:
+        return []
+    found: set[int] = set()
+    for d, _, _ in os.walk(top):
+        text = _read(os.path.join(d, "cgroup.procs")) or ""
+        found.update(int(w) for w in text.split() if w.isdigit())
+    return sorted(found)
+
+
 def _read_v2(d: str) -> Stats:
     s = Stats()
     cpu = _read_kv(os.path.join(d, "cpu.stat"))

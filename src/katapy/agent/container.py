@@ -286,6 +286,17 @@ class Containers:
         except CrunError as exc:
             raise InvalidArgument(f"container {cid}: {exc}") from None
 
+    def processes(self, cid: str) -> list[tuple[int, str | None]]:
+        """Every process in the container's cgroup (children and orphans too), sorted by pid: (pid, "" for
+        init, the exec id of an exec, None for the others)."""
+        c = self.get(cid)
+        if c.cgroup is None:
+            raise FailedPrecondition(f"container {cid}: cgroup unknown")
+        known = {p.pid: exec_id for exec_id, p in c.execs.items() if p.pid}
+        if c.init.pid:
+            known[c.init.pid] = ""
+        return [(pid, known.get(pid)) for pid in cgroups.pids(c.cgroup)]
+
     def stats(self, cid: str) -> cgroups.Stats:
         c = self.get(cid)
         if c.cgroup is None:

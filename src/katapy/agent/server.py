@@ -63,6 +63,7 @@ class AgentServer:
             "WaitProcess": (a.WaitProcessRequest, self.wait_process),
             "UpdateContainer": (a.UpdateContainerRequest, self.update_container),
             "StatsContainer": (a.StatsContainerRequest, self.stats_container),
+            "ListProcesses": (a.ListProcessesRequest, self.list_processes),
             "PauseContainer": (a.PauseContainerRequest, self.pause_container),
             "ResumeContainer": (a.ResumeContainerRequest, self.resume_container),
             "WriteStdin": (a.WriteStreamRequest, self.write_stdin),
@@ -175,6 +176,23 @@ class AgentServer:
         )
         return a.StatsContainerResponse(cgroup_stats=stats)
 
+    def list_processes(self, req: Any, ctx: Any) -> Any:
+        """Kata's ListProcesses, formats "json" (pids), "katapy" (pid and exec id) and "table"."""
+        import json
+
+        rows = self.containers.processes(req.container_id)
+        if req.format == "json":
+            out = json.dumps([pid for pid, _ in rows]).encode()
+        elif req.format == "katapy":
+            out = json.dumps([{"pid": pid, "exec_id": exec_id} for pid, exec_id in rows]).encode()
+        elif req.format in ("", "table"):
+            lines = ["PID EXEC_ID CMD"] + [f"{pid} {'-' if e is None else e or 'init'} {_cmdline(pid)}"
+                                           for pid, e in rows]
+            out = ("\n".join(lines) + "\n").encode()
+        else:
+            raise InvalidArgument(f"ListProcesses: unknown format {req.format!r} (json, katapy or table)")
+        return agent_pb2.ListProcessesResponse(process_list=out)
+
     def pause_container(self, req: Any, ctx: Any) -> Any:
         self.containers.pause(req.container_id)
         return _EMPTY()
@@ -275,6 +293,22 @@ class AgentServer:
     def get_oom_event(self, req: Any, ctx: Any) -> Any:
         cid = self.sandbox.next_oom_event(_timeout(ctx), getattr(ctx, "cancelled", None))
         return agent_pb2.OOMEvent(container_id=cid)
+
+
+def _cmdline(pid: int) -> str:
+    """/proc/<pid>/cmdline as one line ("[comm]" for a kernel-less or exited one, as ps shows it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        raw = b""
+    if raw:
+        return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f"[{f.read().strip()}]"
+    except OSError:
+        return "?"
 
 
 def _interface_pb(i: Any) -> Any:

@@ -69,6 +69,10 @@ async def _connect(dialer: Dialer, what: str, timeout: float) -> AgentClient:
         await trio.sleep(RETRY_INTERVAL_S)
 
 
+#: the most processes ListProcesses may list (the guest's pid_max is 4M; a container is far smaller)
+MAX_LISTED_PROCESSES = 65536
+
+
 class AgentClient:
     """One ttrpc connection to the agent; use it as ``async with``."""
 
@@ -163,6 +167,27 @@ class AgentClient:
             _log.warning("OCI resource keys dropped", cid=container_id, keys=dropped)
         await self._call("UpdateContainer", agent_pb2.UpdateContainerRequest(
             container_id=container_id, resources=msg))
+
+    async def list_processes(self, container_id: str) -> list[types.GuestProcess]:
+        """The container's processes in the guest (ListProcesses, format "katapy"); the guest's answer is
+        checked (a JSON list of at most MAX_LISTED_PROCESSES {pid, exec_id}) and refused as ValueError."""
+        import json
+
+        resp = await self._call("ListProcesses", agent_pb2.ListProcessesRequest(
+            container_id=container_id, format="katapy"), agent_pb2.ListProcessesResponse)
+        try:
+            rows = json.loads(resp.process_list)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"ListProcesses: the guest's answer is not JSON: {exc}") from None
+        if not isinstance(rows, list) or len(rows) > MAX_LISTED_PROCESSES:
+            raise ValueError(f"ListProcesses: want a list of at most {MAX_LISTED_PROCESSES} processes")
+        out = []
+        for r in rows:
+            pid, exec_id = (r.get("pid"), r.get("exec_id")) if isinstance(r, dict) else (None, None)
+            if not (type(pid) is int and 0 < pid < 1 << 31) or not (exec_id is None or isinstance(exec_id, str)):
+                raise ValueError(f"ListProcesses: bad process entry {str(r)[:100]!r}")
+            out.append(types.GuestProcess(pid, exec_id))
+        return out
 
     async def stats_container(self, container_id: str) -> types.ContainerStats:
         resp = await self._call("StatsContainer", agent_pb2.StatsContainerRequest(container_id=container_id),

@@ -59,6 +59,15 @@ class ContainerStats:
 
 
 @dataclass(frozen=True)
+class GuestProcess:
+    """One process of a container in the guest (ListProcesses): exec_id "" for init, None for a process
+    that is neither init nor an exec (a child)."""
+
+    pid: int
+    exec_id: str | None
+
+
+@dataclass(frozen=True)
 class OnlineCpus:
     """SetOnlineCPUs' answer: the guest's online CPU count (and ids) out of the CPUs present."""
 

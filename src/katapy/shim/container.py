@@ -5,8 +5,9 @@ Each container's rootfs and volumes are prepared on the host (``katapy.resource`
 and the spec handed to the agent says where the guest sees them.  A process
 moves CREATED -> RUNNING (<-> PAUSED) -> STOPPED; its exit is recorded only
 after its output was drained, then TaskExit is published and waiters wake.
-Task pids are the VMM's host pid (as Kata reports them); so is each row of
-``Pids`` (the agent API returns no guest pid for StartContainer/ExecProcess).
+Task pids are the VMM's host pid (as Kata reports them); ``Pids`` lists the
+container's processes inside the guest by their guest pids (the agent's
+ListProcesses), which Kata's shim does not.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from katapy.resource import etc_files, namespaces, rootfs, volumes
 from katapy.shim import bundle as bundle_mod
 from katapy.shim import events as ev
 from katapy.shim import types as t
-from katapy.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from katapy.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from katapy.shim.sandbox import SandboxManager
 from katapy.shim.stdio import ProcessIO
 
@@ -139,7 +140,8 @@ class ContainerManager:
             await self.sandbox.resize_for(req.id, _sized_resources(spec))
             # its block devices hot-plugged as virtio-blk; the agent maps them to the guest's disks
             devices = await self.sandbox.attach_devices(req.id, spec)
-            await self.sandbox.agent.create_container(req.id, req.id, guest_spec, [], devices)
+            await self.sandbox.agent_request("CreateContainer", self.sandbox.agent.create_container(
+                req.id, req.id, guest_spec, [], devices))
         except BaseException:
             with trio.CancelScope(shield=True):
                 self._release(container)
@@ -164,9 +166,9 @@ class ContainerManager:
         if exec_id:
             if c.init.status not in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED):
                 raise FailedPrecondition(f"container {cid} is not running; cannot start exec {exec_id}")
-            result = await agent.exec_process(cid, exec_id, proc.spec)
+            result = await self.sandbox.agent_request("ExecProcess", agent.exec_process(cid, exec_id, proc.spec))
         else:
-            result = await agent.start_container(cid)
+            result = await self.sandbox.agent_request("StartContainer", agent.start_container(cid))
         proc.guest_pid = result if isinstance(result, int) else 0
         proc.status = t.TaskStatus.RUNNING
         if proc.io is not None:
@@ -255,11 +257,17 @@ class ContainerManager:
                               status=proc.status, stdio=proc.stdio, exit_status=proc.exit_status,
                               exited_at=proc.exited_at)
 
-    def pids(self, cid: str) -> t.ProcessList:
+    async def pids(self, cid: str) -> t.ProcessList:
+        """Every process of the container in the guest, by guest pid (the agent's ListProcesses reads the
+        container's cgroup), as ``ctr task ps`` and CRI expect; an exec's row carries its exec id."""
         c = self.get(cid)
-        rows = [t.ProcessEntry(p.guest_pid or self.task_pid, p.exec_id) for p in [c.init, *c.execs.values()]
-                if p.status in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED)]
-        return t.ProcessList(tuple(rows))
+        if c.init.status not in (t.TaskStatus.RUNNING, t.TaskStatus.PAUSED):
+            return t.ProcessList(())
+        try:
+            found = await self.sandbox.agent_request("ListProcesses", self.sandbox.agent.list_processes(cid))
+        except ValueError as exc:  # the guest's answer failed the client's checks
+            raise Unavailable(f"container {cid}: the guest's process list is unusable: {exc}") from None
+        return t.ProcessList(tuple(t.ProcessEntry(p.pid, p.exec_id or "") for p in found))
 
     async def wait(self, cid: str, exec_id: str) -> t.ExitInfo:
         proc = self.get(cid).process(exec_id)

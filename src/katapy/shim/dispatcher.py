@@ -39,7 +39,7 @@ class Dispatcher:
             case t.QueryState(id=cid, exec_id=exec_id):
                 return h.manager().state(cid, exec_id)
             case t.QueryPids(id=cid):
-                return h.manager().pids(cid)
+                return await h.manager().pids(cid)
             case t.PauseTask(id=cid):
                 await h.manager().pause(cid)
                 return t.Done()
