@@ -19,6 +19,7 @@ import trio
 
 #: a line longer than this is cut (the agent's own lines are far shorter)
 MAX_LINE = 16 * 1024
+ACCEPT_BACKOFF_S = 0.1  # after accept(2) fails (EMFILE): do not spin
 _LEVEL = re.compile(rb"\blevel=([a-z]+)")
 _LEVELS = {b"debug": "debug", b"info": "info", b"warning": "warning", b"error": "error", b"critical": "critical"}
 
@@ -42,7 +43,12 @@ class AgentLogForwarder:
                 task_status.started(self)
                 async with trio.open_nursery() as nursery:
                     while True:
-                        conn, _ = await listener.accept()
+                        try:
+                            conn, _ = await listener.accept()
+                        except OSError as exc:  # EMFILE and the like: the shim must not die over its log
+                            self._log.warning("agent log accept failed", error=str(exc))
+                            await trio.sleep(ACCEPT_BACKOFF_S)
+                            continue
                         nursery.start_soon(self._pump, conn)
         finally:
             listener.close()

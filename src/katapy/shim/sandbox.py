@@ -25,6 +25,7 @@ from katapy import log
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
 from katapy.resource.cpu import CpuResource, ResizeError, VcpuPolicy
+from katapy.resource.fds import exhaustion_note
 from katapy.resource.memory import MemoryPolicy, MemoryResource
 from katapy.resource.rootfs import GUEST_SHARED_DIR
 from katapy.shim.agent_log import AgentLogForwarder
@@ -155,7 +156,8 @@ class SandboxManager:
             with trio.CancelScope(shield=True):
                 await self.stop()
             if isinstance(exc, OSError):  # the host ran out of something (disk, fds): say where, in which step
-                raise Unavailable(f"sandbox {self.sandbox_id}: cannot create it under {self.dir}: {exc}") from exc
+                raise Unavailable(f"sandbox {self.sandbox_id}: cannot create it under {self.dir}: {exc}"
+                                  f"{exhaustion_note(error=exc)}") from exc
             raise
         self._log.info("sandbox started", backend=self.hypervisor.name, vmm_pid=self.record.vmm_pid,
                        vm_start_s=round(self.times.vm_start_s, 3),

@@ -8,7 +8,6 @@ the shim itself died) can still find and stop it.
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import time
@@ -20,6 +19,7 @@ import trio
 from katapy import log
 from katapy.hypervisor.base import HypervisorError, VmExit, panic_line, read_tail
 from katapy.hypervisor.qemu.qmp import QmpClient, QmpError
+from katapy.resource.fds import exhaustion_note
 
 _log = log.get("hypervisor.qemu")
 
@@ -78,7 +78,7 @@ class QemuProcess:
         except QmpError as exc:
             await self.kill()
             raise HypervisorError(f"QEMU failed to start: {exc}; qemu.log: {read_tail(self.log_path).strip()!r}"
-                                  f"{fd_note()}") from None
+                                  f"{exhaustion_note()}") from None
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if self.qmp is None or not self.alive():
@@ -160,19 +160,6 @@ class QemuProcess:
             if self.qmp is not None:
                 await self.qmp.aclose()
             return result
-
-
-def fd_note(margin: int = 8) -> str:
-    """A note for an error when this process is within ``margin`` descriptors of its soft RLIMIT_NOFILE:
-    the vhost-user servers then cannot take the fds QEMU sends, and QEMU's own words hide why."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return ""
-    if soft == resource.RLIM_INFINITY or used < soft - margin:
-        return ""
-    return f" (too many open files: the shim has {used} descriptors open of its soft RLIMIT_NOFILE {soft})"
 
 
 def kill_stale(state_dir: Path) -> int | None:

@@ -123,6 +123,9 @@ class VhostUserServer:
             conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # EMFILE: the front end is told nothing; the event loop must live on
+            _log.warning("vhost-user accept failed", error=str(exc))
+            return
         if self._conn is not None:
             _log.warning("vhost-user: second front end refused")
             conn.close()
