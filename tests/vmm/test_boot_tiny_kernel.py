@@ -147,3 +147,24 @@ def test_cli_boots_a_kernel_from_toml(kvm_required, tiny_kernel, tmp_path):
     r = subprocess.run([sys.executable, "-m", "katapy.cli", "vmm", "--config", str(chip)],
                        capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and b"irqchip 'userspace': expected one of ['kernel', 'split']" in r.stderr
+
+
+def test_cli_takes_the_hotplug_maxima(kvm_required, tiny_kernel, tmp_path):
+    """``max_vcpus`` / ``max_mem_mib`` in a ``katapy vmm`` description: a VM declared to grow boots; maxima
+    below the boot size are refused as configuration errors (exit 2, the key named)."""
+    import os
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(__import__("katapy").__path__[0].rsplit("/katapy", 1)[0]))
+
+    def run(extra: str) -> subprocess.CompletedProcess[bytes]:
+        cfg = tmp_path / "vm.toml"
+        cfg.write_text(f'kernel = "{tiny_kernel / "vmlinux"}"\ninitrd = "{tiny_kernel / "initrd"}"\n'
+                       f'cmdline = "grows"\nvcpus = 1\nmem_mib = 32\n{extra}')
+        return subprocess.run([sys.executable, "-m", "katapy.cli", "vmm", "--config", str(cfg)],
+                              capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+
+    r = run("max_vcpus = 4\nmax_mem_mib = 512\n")
+    assert r.returncode == 0 and b"growsINRD" in r.stdout, r.stderr.decode()
+    r = run("max_vcpus = 0\n")
+    assert r.returncode == 2 and b"max_vcpus" in r.stderr, r.stderr.decode()

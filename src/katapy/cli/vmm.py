@@ -1,7 +1,8 @@
 """`katapy vmm --config vm.toml|vm.json`: boot a kernel with the built-in VMM, console on stdout.
 
 Configuration keys: ``kernel`` (path), ``initrd`` (path, optional), ``cmdline``,
-``vcpus`` (default 1), ``mem_mib`` (default 256), ``protocol`` ("linux64" | "pvh"),
+``vcpus`` (default 1), ``mem_mib`` (default 256), ``max_vcpus`` and ``max_mem_mib`` (what the VM may
+grow to by hotplug: the MP table and CPUID list ``max_vcpus``; default: no growth), ``protocol`` ("linux64" | "pvh"),
 ``irqchip`` ("split" | "kernel": where the PIC and I/O APIC live, see katapy.vmm.config.IrqChip),
 and an optional ``devices`` list of tables, each with ``type`` and its arguments:
 vsock (guest_cid, uds_path), fs (tag, shared_dir), blk (path, read_only), net (tap_name, mac).
@@ -55,7 +56,8 @@ def make_device(spec: dict):
 
 
 def configure(vmm: Vmm, cfg: dict) -> None:
-    unknown = set(cfg) - {"kernel", "initrd", "cmdline", "vcpus", "mem_mib", "protocol", "irqchip", "devices"}
+    unknown = set(cfg) - {"kernel", "initrd", "cmdline", "vcpus", "mem_mib", "max_vcpus", "max_mem_mib", "protocol",
+                        "irqchip", "devices"}
     if unknown:
         raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
     if "kernel" not in cfg:
@@ -63,8 +65,9 @@ def configure(vmm: Vmm, cfg: dict) -> None:
     chips = {c.value: c for c in IrqChip}
     if cfg.get("irqchip", MachineConfig.irqchip.value) not in chips:
         raise ConfigError(f"irqchip {cfg['irqchip']!r}: expected one of {sorted(chips)}")
+    maxima = {k: int(cfg[k]) for k in ("max_vcpus", "max_mem_mib") if k in cfg}
     vmm.configure_machine(int(cfg.get("vcpus", 1)), int(cfg.get("mem_mib", 256)),
-                          chips[cfg.get("irqchip", MachineConfig.irqchip.value)])
+                          chips[cfg.get("irqchip", MachineConfig.irqchip.value)], **maxima)
     try:
         protocol = BootProtocol(cfg.get("protocol", "linux64"))
     except ValueError as exc:
