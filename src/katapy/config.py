@@ -14,7 +14,7 @@ Sections and keys (every key optional)::
     [hypervisor]  name path kernel initrd kernel_params default_vcpus default_memory
                   max_vcpus max_memory shared_fs debug_console
     [agent]       port log_port dial_timeout request_timeout
-    [runtime]     log_level state_dir
+    [runtime]     log_level state_dir privileged_without_host_devices
 
 Validation is strict: an unknown section or key, a value of the wrong type or
 out of range, and a kernel or image file that does not exist are errors whose
@@ -75,6 +75,9 @@ class AgentConfig:
 class RuntimeConfig:
     log_level: str = "info"
     state_dir: Path = field(default_factory=paths.state_dir)
+    # containerd's CRI key of the same name, which Kata asks users to set: a privileged container gets
+    # the guest's devices, not every host block device hot-plugged into its VM
+    privileged_without_host_devices: bool = True
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from katapy.resource.devices import (
     resolve_block,
 )
 from katapy.resource.devices.manager import device_id
-from katapy.resource.devices.spec import writable
+from katapy.resource.devices.spec import is_privileged, without_block_devices, writable
 
 MMIO_BASE = 0xD0000000
 MMIO_SIZE = 0x1000
@@ -297,3 +297,34 @@ def test_shim_maps_device_errors_to_clear_statuses(host: Path, tmp_path: Path) -
             assert hv.devices == {}
 
     trio.run(main)
+
+
+_ALL_CAPS = ["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"]
+
+
+def _privileged_spec(bounding: list[str], rules: list[dict]) -> dict:
+    return {"process": {"capabilities": {"bounding": bounding}},
+            "linux": {"resources": {"devices": rules},
+                      "devices": [{"type": "b", "path": "/dev/sda", "major": 8, "minor": 0},
+                                  {"type": "c", "path": "/dev/tty1", "major": 4, "minor": 1}]}}
+
+
+@pytest.mark.parametrize(("spec", "privileged"), [
+    (_privileged_spec(_ALL_CAPS, [{"allow": False, "access": "rwm"}, {"allow": True, "access": "rwm"}]), True),  # ctr --privileged
+    (_privileged_spec(_ALL_CAPS, [{"allow": True, "type": "a", "major": -1, "minor": -1, "access": "rwm"}]), True),
+    (_privileged_spec(["CAP_CHOWN"], [{"allow": True, "access": "rwm"}]), False),  # allow-all devices, no CAP_SYS_ADMIN
+    (_privileged_spec(_ALL_CAPS, [{"allow": False, "access": "rwm"}, {"allow": True, "type": "b", "major": 8, "minor": 0,
+                                                           "access": "rw"}]), False),  # --cap-add + one device
+    (_privileged_spec(_ALL_CAPS, [{"allow": True, "access": "r"}]), False),
+    ({"process": {}, "linux": {}}, False),
+    ({"process": "x", "linux": []}, False),
+])
+def test_a_privileged_spec_is_recognised_as_containerd_writes_it(spec: dict, privileged: bool) -> None:
+    assert is_privileged(spec) is privileged
+
+
+def test_without_block_devices_keeps_the_rest_and_leaves_the_original() -> None:
+    spec = _privileged_spec(_ALL_CAPS, [{"allow": True, "access": "rwm"}])
+    out = without_block_devices(spec)
+    assert [d["path"] for d in out["linux"]["devices"]] == ["/dev/tty1"]
+    assert [d["path"] for d in spec["linux"]["devices"]] == ["/dev/sda", "/dev/tty1"]

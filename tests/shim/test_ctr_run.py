@@ -47,7 +47,7 @@ def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), 
                  input=input)
 
 
-KR_IDS = ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart")
+KR_IDS = ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart", "kr-priv")
 
 
 def _leftovers(c: PrivateContainerd, settle_s: float = 15.0) -> list[str]:
@@ -68,6 +68,25 @@ def test_run_prints_guest_kernel_output(containerd: PrivateContainerd) -> None:
     forwarded = [ln for ln in containerd.log_path.read_text(errors="replace").splitlines()
                  if "agent log" in ln and "sandbox created" in ln and "kr-out" in ln]
     assert forwarded, "the agent's 'sandbox created' line never reached containerd's log"
+
+
+def test_privileged_container_runs_with_the_guests_devices_not_the_hosts(containerd: PrivateContainerd) -> None:
+    """``ctr run --privileged`` puts every host device in the spec (containerd's WithHostDevices); with
+    ``[runtime] privileged_without_host_devices`` (the default, as Kata asks of containerd) the container
+    runs with all capabilities and the VM's own devices, and no host disk is hot-plugged into its VM."""
+    c = containerd
+    mark = c.log_path.stat().st_size
+    res = run(c, "kr-priv", "grep", "CapEff", "/proc/self/status", extra=("--privileged",))
+    assert res.returncode == 0, res.stderr
+    # containerd's WithAllCurrentCapabilities: every capability ctr has (this host's root lacks CAP_SYS_RESOURCE)
+    with open("/proc/self/status") as f:
+        host_caps = next(ln.strip() for ln in f if ln.startswith("CapEff"))
+    assert res.stdout.strip() == host_caps, (res.stdout, host_caps)
+    with open(c.log_path, errors="replace") as f:
+        f.seek(mark)
+        log = f.read()
+    assert "host block devices withheld" in log and "block device attached" not in log
+    assert not _leftovers(c)
 
 
 @pytest.mark.parametrize("code", [0, 3])

@@ -23,6 +23,7 @@ import trio
 
 from katapy import log
 from katapy.resource import etc_files, namespaces, rootfs, volumes
+from katapy.resource.devices import spec as devspec
 from katapy.shim import bundle as bundle_mod
 from katapy.shim import events as ev
 from katapy.shim import types as t
@@ -139,7 +140,11 @@ class ContainerManager:
             # before crun creates the container's process: it starts on the vCPUs its limit asks for
             await self.sandbox.resize_for(req.id, _sized_resources(spec))
             # its block devices hot-plugged as virtio-blk; the agent maps them to the guest's disks
-            devices = await self.sandbox.attach_devices(req.id, spec)
+            if self.sandbox.config.runtime.privileged_without_host_devices and devspec.is_privileged(spec):
+                guest_spec = devspec.without_block_devices(guest_spec)  # not every host disk into the VM
+                self._log.info("privileged container: host block devices withheld", container_id=req.id,
+                               reason="[runtime] privileged_without_host_devices")
+            devices = await self.sandbox.attach_devices(req.id, guest_spec)
             await self.sandbox.agent_request("CreateContainer", self.sandbox.agent.create_container(
                 req.id, req.id, guest_spec, [], devices))
         except BaseException:

@@ -96,3 +96,39 @@ def block_requests(spec: dict[str, Any]) -> list[BlockRequest]:
         major, minor = _number(entry, "major", where), _number(entry, "minor", where)
         out.append(BlockRequest(path, major, minor, read_only=not writable(rules, major, minor)))
     return out
+
+
+#: the capability a privileged container's bounding set always has (containerd's ``WithPrivileged`` gives all)
+_PRIVILEGED_CAP = "CAP_SYS_ADMIN"
+
+
+def is_privileged(spec: dict[str, Any]) -> bool:
+    """Whether ``spec`` is a privileged container's as containerd writes one (``ctr run --privileged``, CRI
+    ``privileged: true``): CAP_SYS_ADMIN in the bounding set and a device-cgroup rule allowing every
+    device (``{"allow": true, "access": "rwm"}``, no type, major or minor)."""
+    linux, process = spec.get("linux"), spec.get("process")
+    if not isinstance(linux, dict) or not isinstance(process, dict):
+        return False
+    caps = process.get("capabilities")
+    bounding = caps.get("bounding") if isinstance(caps, dict) else None
+    if not isinstance(bounding, list) or _PRIVILEGED_CAP not in bounding:
+        return False
+    resources = linux.get("resources")
+    rules = resources.get("devices") if isinstance(resources, dict) else None
+    if not isinstance(rules, list):
+        return False
+    return any(isinstance(r, dict) and r.get("allow") is True and r.get("type", "a") == "a"
+               and r.get("major") in (None, -1) and r.get("minor") in (None, -1)
+               and set(r.get("access") or "rwm") >= set("rwm") for r in rules)
+
+
+def without_block_devices(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (copied) with no type-``b`` entry in ``linux.devices``: the guest must not create nodes with
+    the host's numbers, which name the guest's own disks there."""
+    import copy
+
+    out = copy.deepcopy(spec)
+    linux = out.get("linux")
+    if isinstance(linux, dict) and isinstance(linux.get("devices"), list):
+        linux["devices"] = [d for d in linux["devices"] if not (isinstance(d, dict) and d.get("type") == "b")]
+    return out
