@@ -14,9 +14,6 @@ container reads the pattern and writes a block that the host file holds once
 the container is gone, and the VMM keeps no fd on the device afterwards.  On
 QEMU's microvm (no hotplug bus) the task's create (CRI StartContainer) fails, naming the device and
 the backend, and leaves nothing behind.
-
-katapy's trimmed cri_api.proto has no ``ContainerConfig.devices`` (field 8,
-``runtime.v1.Device``), so :func:`_with_devices` appends it in wire format.
 """
 from __future__ import annotations
 
@@ -43,36 +40,11 @@ IMAGE_BYTES = 4 << 20
 CONTAINER_PATH = "/dev/xvdb"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _with_devices(cfg: cri.ContainerConfig, devices: list[tuple[str, str, str]]) -> cri.ContainerConfig:
-    """``cfg`` with ``repeated Device devices = 8`` ({container_path = 1, host_path = 2, permissions = 3},
-    CRI api.proto) set, as unknown fields the message keeps and sends."""
-    extra = b"".join(_field(8, _field(1, c.encode()) + _field(2, h.encode()) + _field(3, p.encode()))
-                     for c, h, p in devices)
-    cfg.MergeFromString(extra)
-    return cfg
-
-
 def _create_with_device(cl, pod_id: str, pod_config, name: str, command: list[str], host_path: str,
                         permissions: str = "rwm") -> str:
-    cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=BUSYBOX_IMAGE),
-                              command=command, log_path=f"{name}.log", labels={"katapy-test": "1"})
-    _with_devices(cfg, [(CONTAINER_PATH, host_path, permissions)])
-    req = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=pod_config)
-    return cl.runtime("CreateContainer", req).container_id
+    return cl.create_container(pod_id, pod_config, name, command,
+                               devices=[cri.Device(container_path=CONTAINER_PATH, host_path=host_path,
+                                                   permissions=permissions)])
 
 
 @pytest.fixture

@@ -121,12 +121,12 @@ class CriClient:
 
     def create_container(self, pod_id: str, pod_config: Any, name: str, command: list[str],
                          image: str = BUSYBOX_IMAGE, linux: Any = None, tty: bool = False, stdin: bool = False,
-                         mounts: list[Any] | None = None) -> str:
+                         mounts: list[Any] | None = None, devices: list[Any] | None = None) -> str:
         """``linux``: an optional ``cri.LinuxContainerConfig`` (security context, resources);
-        ``mounts``: ``cri.Mount`` host paths."""
+        ``mounts``: ``cri.Mount`` host paths; ``devices``: ``cri.Device`` host devices."""
         cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
                                   command=command, log_path=f"{name}.log", labels={"katapy-test": "1"},
-                                  linux=linux, tty=tty, stdin=stdin, mounts=mounts or [])
+                                  linux=linux, tty=tty, stdin=stdin, mounts=mounts or [], devices=devices or [])
         req = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=pod_config)
         return self.runtime("CreateContainer", req).container_id
 
