@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO
+from typing import Any
 
 
-def _open_log(debug: bool) -> IO[str] | None:
-    """The bundle's ``log`` FIFO (cwd is the bundle), opened write-only; None if nobody reads it."""
+def _open_log(debug: bool) -> Any:
+    """The bundle's ``log`` FIFO (cwd is the bundle), opened write-only as a katapy.log.FifoStream (a line
+    written while containerd is down is dropped, never raised); None if nobody reads it."""
     from katapy import log
 
-    stream: IO[str] | None = None
+    stream: Any = None
     try:
         fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(fd, True)
-        stream = os.fdopen(fd, "w", buffering=1)
+        stream = log.FifoStream(fd)
     except OSError:
         stream = None
     log.configure("debug" if debug else os.environ.get("KATAPY_LOG_LEVEL", "info"),
