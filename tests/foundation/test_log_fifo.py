@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import structlog
+
 from katapy import log
 
 
@@ -14,6 +16,9 @@ def test_lines_written_while_nobody_reads_are_dropped_not_raised(tmp_path: Path)
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     os.set_blocking(fd, True)
     stream = log.FifoStream(fd)
+    # Loggers bound at import time hold structlog's processor list itself; restoring that very list
+    # (not a copy) afterwards keeps structlog.testing.capture_logs working in every later test.
+    saved = structlog.get_config()
     log.configure("info", stream)  # type: ignore[arg-type]
     try:
         lg = log.get("test")
@@ -27,6 +32,6 @@ def test_lines_written_while_nobody_reads_are_dropped_not_raised(tmp_path: Path)
         got = os.read(reader, 4096)
         assert got.count(b"\n") == 1 and b"event='after'" in got and b"while down" not in got, got
     finally:
-        log.configure("info")
+        structlog.configure(**saved)
         os.close(reader)
         stream.close()
