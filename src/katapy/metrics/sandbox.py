@@ -16,18 +16,27 @@ Families (gauges unless ``_total``):
 * ``katapy_hypervisor_boot_seconds{phase}``: the start steps (VM start, agent connect, CreateSandbox);
 * ``katapy_{shim,hypervisor}_{resident_memory_bytes,threads,open_fds,cpu_seconds_total}``: the shim's
   process and the VMM's (the same process with the builtin backend: then ``katapy_hypervisor_*`` is
-  the shim's own, as Kata's Dragonball runs inside its shim).
+  the shim's own, as Kata's Dragonball runs inside its shim);
+* from inside the built-in VMM only (absent, not zero, for ``qemu``, whose exits and devices katapy
+  cannot see): ``katapy_hypervisor_vm_exits_total{reason}`` (KVM_RUN returns by reason,
+  katapy.vmm.vcpu.EXIT_REASONS), ``katapy_hypervisor_virtio_requests_total{device,queue}`` (descriptor
+  chains completed) and ``katapy_hypervisor_virtio_bytes_total{device,queue,direction}`` (``read``: the
+  device-readable bytes of those chains; ``write``: the lengths the device wrote back).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from katapy.metrics import procfs
+
+if TYPE_CHECKING:
+    from katapy.vmm.state import QueueCounts
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,9 @@ class SandboxSample:
     shim_pid: int
     vmm_pid: int
     boot_seconds: dict[str, float] = field(default_factory=dict)
+    # the built-in VMM's own counters; None where the backend has none (qemu): the families are left out
+    vm_exits: Mapping[str, int] | None = None
+    virtio: Sequence[QueueCounts] | None = None
 
 
 def _process(prefix: str, what: str, stats: procfs.ProcessStats | None) -> Iterator[Metric]:
@@ -79,10 +91,33 @@ def families(s: SandboxSample, proc: str = "/proc") -> Iterator[Metric]:
         for phase, secs in sorted(s.boot_seconds.items()):
             boot.add_metric([phase], secs)
         yield boot
+    yield from _vmm_counters(s)
     shim = procfs.read(s.shim_pid, proc)
     yield from _process("katapy_shim", "the shim process", shim)
     vmm = shim if s.vmm_pid == s.shim_pid else procfs.read(s.vmm_pid, proc)
     yield from _process("katapy_hypervisor", "the VMM process", vmm)
+
+
+def _vmm_counters(s: SandboxSample) -> Iterator[Metric]:
+    if s.vm_exits is not None:
+        exits = CounterMetricFamily("katapy_hypervisor_vm_exits", "KVM_RUN returns of all vCPUs, by exit reason.",
+                                    labels=["reason"])
+        for reason, n in s.vm_exits.items():
+            exits.add_metric([reason], n)
+        yield exits
+    if s.virtio is not None:
+        reqs = CounterMetricFamily("katapy_hypervisor_virtio_requests",
+                                   "Descriptor chains each virtio queue completed.", labels=["device", "queue"])
+        moved = CounterMetricFamily("katapy_hypervisor_virtio_bytes",
+                                    "Bytes of those chains: read = device-readable (driver to device), "
+                                    "write = written by the device.", labels=["device", "queue", "direction"])
+        for q in s.virtio:
+            queue = str(q.queue)
+            reqs.add_metric([q.device, queue], q.requests)
+            moved.add_metric([q.device, queue, "read"], q.read_bytes)
+            moved.add_metric([q.device, queue, "write"], q.written_bytes)
+        yield reqs
+        yield moved
 
 
 class _Once(Collector):

@@ -26,6 +26,12 @@ _log = log.get("shim.metrics")
 GUEST_TIMEOUT_S = 1.0
 
 
+def _call(hv: object, method: str) -> Any:
+    """``hv.method()`` where the backend has it (the builtin VMM's counters), else None: no such family."""
+    f = getattr(hv, method, None)
+    return f() if f is not None else None
+
+
 class ShimMetrics:
     def __init__(self, handler: VirtContainer, requests: RequestStats) -> None:
         self.handler = handler
@@ -49,7 +55,8 @@ class ShimMetrics:
             up=state is VmState.RUNNING and sb.agent is not None and sb.vm_exit is None,
             vcpus=int(getattr(hv, "vcpus", 0)), memory_bytes=int(getattr(hv, "memory_mib", 0)) << 20,
             containers=len(containers.containers) if containers is not None else 0,
-            shim_pid=os.getpid(), vmm_pid=sb.vmm_pid, boot_seconds={k: v for k, v in boot.items() if v})
+            shim_pid=os.getpid(), vmm_pid=sb.vmm_pid, boot_seconds={k: v for k, v in boot.items() if v},
+            vm_exits=_call(hv, "exit_counts"), virtio=_call(hv, "virtio_counts"))
 
     def guest(self) -> list[Any]:
         """``katapy_guest_up`` and, when the agent answered in time with acceptable text, its families."""

@@ -22,8 +22,8 @@ from katapy import log
 from katapy.vmm import builder
 from katapy.vmm.boot.loader import BootProtocol
 from katapy.vmm.config import FlatBoot, IrqChip, KernelBoot, MachineConfig, VmResources
-from katapy.vmm.state import ExitReason, VmExit, VmState
-from katapy.vmm.vcpu import VcpuThread
+from katapy.vmm.state import ExitReason, QueueCounts, VmExit, VmState
+from katapy.vmm.vcpu import EXIT_REASONS, VcpuThread
 from katapy.vmm.virtio.device import VirtioDevice
 
 _log = log.get("vmm.api")
@@ -59,6 +59,9 @@ class Vmm:
         self._ended = threading.Event()
         self._built: builder.BuiltVm | None = None
         self._vcpus: list[VcpuThread] = []
+        # every vCPU thread's exit counters, running or ended, appended (never removed) under self._lock:
+        # a parked vCPU's exits stay counted, so exit_counts() only ever grows
+        self._exit_tallies: list[list[int]] = []
         self._halted: set[int] = set()
         self._upcall_uds: Path | None = None
         self._upcall: Any = None  # katapy.vmm.upcall.DeviceManagerClient, opened on the first hotplug
@@ -142,6 +145,7 @@ class Vmm:
             # self._vcpus: the running vCPU threads; replaced whole (never changed in place) under self._lock,
             # so readers without the lock (the halt and exit callbacks) see one consistent list
             self._vcpus = [VcpuThread(v, b.pio_bus, b.mmio_bus, self._vm_exit, self._vcpu_halted) for v in b.vcpus]
+            self._exit_tallies = [*self._exit_tallies, *(t.exits for t in self._vcpus)]
             self._state = VmState.RUNNING
             for t in self._vcpus:
                 t.start()
@@ -269,6 +273,7 @@ class Vmm:
             t = VcpuThread(v, b.pio_bus, b.mmio_bus, self._vm_exit, self._vcpu_halted)
             self._halted.discard(index)
             self._vcpus = [*self._vcpus, t]
+            self._exit_tallies = [*self._exit_tallies, t.exits]
             try:
                 t.start()
             except BaseException:
@@ -354,6 +359,21 @@ class Vmm:
                 self._device_hotplug.unplug(base)
             except dh.DeviceHotplugError as exc:
                 raise VmmError(str(exc)) from exc
+
+    # -- counters (any thread, no lock: plain reads of ints the vCPU and device threads keep) -----------
+    def exit_counts(self) -> dict[str, int]:
+        """KVM_RUN returns by reason (katapy.vmm.vcpu.EXIT_REASONS) over all vCPU threads this VM ran."""
+        totals = [0] * len(EXIT_REASONS)
+        for tally in self._exit_tallies:
+            for i, n in enumerate(tally):
+                totals[i] += n
+        return dict(zip(EXIT_REASONS, totals))
+
+    def virtio_counts(self) -> list[QueueCounts]:
+        """Each virtio queue's completed requests and bytes, per device now plugged (none before start or
+        after stop)."""
+        b = self._built
+        return b.devices.queue_counts() if b is not None else []
 
     def device_address(self, device: VirtioDevice) -> int | None:
         """The guest-physical base of ``device``'s virtio-mmio window (cold- or hot-plugged), None if absent."""

@@ -16,6 +16,11 @@ the bus swap); :meth:`depopulate` swaps the placeholder back, closes the
 transport and its device on the device loop's thread (no queue callback of
 it runs beside the close) and releases the eventfds.  Telling the guest
 (ADD_MMIO / DEL_MMIO) is katapy.vmm.device_hotplug's part.
+
+Each placed device gets a name for its counters (:meth:`queue_counts`):
+``virtio-<type>-<n>``, ``n`` counting that type's devices in the order they
+were placed, cold then hot-plugged, never reused in one VM: a name always
+means one device, so its counters never go back.
 """
 from __future__ import annotations
 
@@ -28,11 +33,23 @@ from katapy.vmm.bus import Bus
 from katapy.vmm.eventloop import EventLoop
 from katapy.vmm.kvm.vm import VmFd
 from katapy.vmm.memory import GuestMemory
-from katapy.vmm.virtio.device import VirtioDevice
+from katapy.vmm.state import QueueCounts
+from katapy.vmm.virtio.device import (
+    VIRTIO_ID_BLOCK,
+    VIRTIO_ID_CONSOLE,
+    VIRTIO_ID_FS,
+    VIRTIO_ID_NET,
+    VIRTIO_ID_VSOCK,
+    VirtioDevice,
+)
 from katapy.vmm.virtio.mmio import QUEUE_NOTIFY, MmioTransport
 from katapy.vmm.virtio.placeholder import PlaceholderSlot
 
 _log = log.get("vmm.devices")
+
+#: the ``<type>`` of a device's counter name (``virtio-blk-0``), by virtio device ID
+TYPE_NAMES = {VIRTIO_ID_NET: "net", VIRTIO_ID_BLOCK: "blk", VIRTIO_ID_CONSOLE: "console",
+              VIRTIO_ID_VSOCK: "vsock", VIRTIO_ID_FS: "fs"}
 
 
 class DeviceManagerError(RuntimeError):
@@ -46,6 +63,7 @@ class MmioSlot:
     transport: MmioTransport
     irq_fd: int
     kick_fds: list[int]
+    name: str = ""  # virtio-<type>-<n>, the device's label in its counters
 
     @property
     def cmdline(self) -> str:
@@ -79,6 +97,7 @@ class MmioDeviceManager:
         self.hotplug: list[HotplugSlot] = []
         self._next_base = layout.MMIO_MEM_START
         self._next_irq = layout.VIRTIO_IRQ_BASE
+        self._placed_of_type: dict[int, int] = {}  # device type -> devices of it placed so far (names)
 
     def _next_window(self, what: str) -> tuple[int, int]:
         """The next window's (base, irq), or a clear error when no IOAPIC pin is left."""
@@ -150,9 +169,13 @@ class MmioDeviceManager:
             self._unregister(slot.base, slot.irq, slot.irq_fd, slot.kick_fds, list(range(len(slot.kick_fds))))
         _log.info("virtio-mmio slot emptied", device_type=slot.transport.device.device_type, base=hex(base))
 
+    def plugged(self) -> list[MmioSlot]:
+        """The slots holding a device now: the cold ones, then the populated hotplug slots."""
+        return [*self.slots, *(h.plugged for h in self.hotplug if h.plugged is not None)]
+
     def find(self, device: VirtioDevice) -> MmioSlot | None:
         """The slot (cold or hot-plugged) whose transport serves ``device``."""
-        for s in [*self.slots, *(h.plugged for h in self.hotplug if h.plugged is not None)]:
+        for s in self.plugged():
             if s.transport.device is device:
                 return s
         return None
@@ -174,7 +197,15 @@ class MmioDeviceManager:
         except BaseException:
             self._unregister(base, irq, irq_fd, kick_fds, registered)
             raise
-        return MmioSlot(base, irq, transport, irq_fd, kick_fds)
+        n = self._placed_of_type.get(device.device_type, 0)
+        self._placed_of_type[device.device_type] = n + 1
+        kind = TYPE_NAMES.get(device.device_type, str(device.device_type))
+        return MmioSlot(base, irq, transport, irq_fd, kick_fds, f"virtio-{kind}-{n}")
+
+    def queue_counts(self) -> list[QueueCounts]:
+        """The counters of every queue of every device plugged now (any thread: plain reads)."""
+        return [QueueCounts(s.name, i, q.requests, q.read_bytes, q.written_bytes)
+                for s in self.plugged() for i, q in enumerate(s.transport.queues)]
 
     def cmdline_fragments(self) -> list[str]:
         """One ``virtio_mmio.device=`` per window, cold devices and hotplug slots, in address order

@@ -27,3 +27,20 @@ class VmExit:
     reason: ExitReason
     detail: str = ""
     vcpu: int | None = None
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """One virtqueue's counters at one instant (``Vmm.virtio_counts``); all only grow while the device is
+    plugged, across driver resets.
+
+    ``requests``: descriptor chains the device completed (returned on the used ring), malformed ones
+    included; ``read_bytes``: the device-readable bytes of those chains (what the driver sent);
+    ``written_bytes``: the lengths the device reported written into the driver's buffers.
+    """
+
+    device: str  # "virtio-blk-0": the device type and its number among the VM's devices of that type
+    queue: int
+    requests: int
+    read_bytes: int
+    written_bytes: int

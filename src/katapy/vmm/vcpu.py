@@ -13,6 +13,11 @@ Exits: port I/O and MMIO go to the buses (a device that raises is logged and
 reads as all-ones: a device bug never kills a vCPU); HLT (only seen without
 an in-kernel LAPIC) parks this vCPU; shutdown, system events and errors end
 the VM through ``on_exit``.
+
+Every return of KVM_RUN is counted by reason (:data:`EXIT_REASONS`) in the
+thread's own list of ints, one ``+= 1`` per exit: no lock, nothing allocated.
+Other threads read the list as it is (a metrics scrape: each int is read
+whole under the GIL, and only ever grows); ``Vmm.exit_counts`` sums them.
 """
 from __future__ import annotations
 
@@ -37,6 +42,24 @@ _log = log.get("vmm.vcpu")
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 RECENT_EXITS = 6
+
+#: the names exits are counted under (``katapy_hypervisor_vm_exits_total{reason}``), in slot order
+EXIT_REASONS = (
+    "io_in", "io_out", "mmio_read", "mmio_write", "hlt", "shutdown", "system_event", "ioapic_eoi",
+    "internal_error", "fail_entry", "interrupted", "unknown",
+)
+#: each exit type's slot in a thread's ``exits`` list; every member of ``exits.VcpuExit`` has one
+_EXIT_SLOT: dict[type, int] = {
+    cls: EXIT_REASONS.index(name)
+    for cls, name in (
+        (exits.IoIn, "io_in"), (exits.IoOut, "io_out"), (exits.MmioRead, "mmio_read"),
+        (exits.MmioWrite, "mmio_write"), (exits.Hlt, "hlt"), (exits.Shutdown, "shutdown"),
+        (exits.SystemEvent, "system_event"), (exits.IoapicEoi, "ioapic_eoi"),
+        (exits.InternalError, "internal_error"), (exits.FailEntry, "fail_entry"),
+        (exits.Interrupted, "interrupted"), (exits.Unknown, "unknown"),
+    )
+}
+_INTERRUPTED = _EXIT_SLOT[exits.Interrupted]
 _kick_installed = False
 _kick_lock = threading.Lock()
 
@@ -68,7 +91,8 @@ class VcpuThread:
         self._stop = False
         self._pause = False
         self.paused = False
-        self.exit_count = 0
+        #: KVM_RUN returns by reason, indexed like EXIT_REASONS; written only by this vCPU's thread
+        self.exits: list[int] = [0] * len(EXIT_REASONS)
         # the last device accesses, named in a triple fault's report (SVM resets the vCPU's registers on
         # shutdown, so they are the best clue to where the guest was)
         self.recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_EXITS)
@@ -117,6 +141,11 @@ class VcpuThread:
         return True
 
     @property
+    def exit_count(self) -> int:
+        """Guest exits so far (KVM_RUN returns that were not a kick)."""
+        return sum(self.exits) - self.exits[_INTERRUPTED]
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -132,13 +161,15 @@ class VcpuThread:
             return not self._stop
 
     def _run(self) -> None:
+        counts, slot_of = self.exits, _EXIT_SLOT
         try:
             while self._wait_while_paused():
                 exit_ = self.vcpu.run()
-                if isinstance(exit_, exits.Interrupted):
+                slot = slot_of[type(exit_)]
+                counts[slot] += 1
+                if slot == _INTERRUPTED:
                     self.vcpu.set_immediate_exit(False)
                     continue
-                self.exit_count += 1
                 outcome = self._handle(exit_)
                 if outcome is not None:
                     if outcome.reason is ExitReason.HALTED:

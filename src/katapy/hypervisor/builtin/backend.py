@@ -258,6 +258,21 @@ class BuiltinHypervisor(SandboxVm):
         await trio.to_thread.run_sync(self._vmm.resume)
         self._state = VmState.RUNNING
 
+    # -- counters from inside the VMM (katapy_hypervisor_vm_exits_total, _virtio_*: katapy.metrics.sandbox) --
+    def exit_counts(self) -> dict[str, int]:
+        """KVM exits by reason over the VM's life; empty before start (katapy.vmm.api.Vmm.exit_counts)."""
+        return self._vmm.exit_counts() if self._started else {}
+
+    def virtio_counts(self) -> list[Any]:
+        """katapy.vmm.state.QueueCounts per queue of each device plugged now; empty when the VM is not built."""
+        return self._vmm.virtio_counts() if self._started else []
+
+    def metrics(self) -> dict[str, float | int | str]:
+        out = super().metrics()
+        if self._started:
+            out["vm_exits"] = sum(self.exit_counts().values())
+        return out
+
     def state(self) -> VmState:
         if self._exit is not None:
             return VmState.STOPPED

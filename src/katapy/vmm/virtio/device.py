@@ -54,6 +54,11 @@ class QueueState:
     # vhost-user may tell a back end where to resume (VHOST_USER_SET_VRING_BASE)
     next_avail: int = 0
     next_used: int = 0
+    # counters kept by Queue.add_used (katapy.vmm.virtio.queue); reset() keeps them: they cover the
+    # device's life, not one driver session
+    requests: int = 0  # chains completed
+    read_bytes: int = 0  # their device-readable bytes
+    written_bytes: int = 0  # the used lengths
 
     def reset(self) -> None:
         self.size = 0

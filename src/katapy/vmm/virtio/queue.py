@@ -192,6 +192,8 @@ class Queue:
         self.size = state.size
         self._signalled_used: int | None = None
         self.validate()
+        # each head's device-readable bytes, set when its chain is popped, counted when it is completed
+        self._readable = [0] * self.size
 
     # -- layout ---------------------------------------------------------------
     def validate(self) -> None:
@@ -274,6 +276,7 @@ class Queue:
 
     def _walk(self, head: int) -> DescriptorChain:
         chain = DescriptorChain(self.mem, head)
+        self._readable[head] = readable = 0  # a malformed chain is completed with nothing read
         table, table_len, index = self.state.desc_table, self.size, head
         budget = self.size  # a chain never holds more descriptors than its table
         indirect = False
@@ -308,7 +311,9 @@ class Queue:
                 if chain.writable:
                     raise ChainError(head, "device-readable descriptor after a device-writable one")
                 chain.readable.append((d.addr, d.len))
+                readable += d.len
             if not d.flags & VIRTQ_DESC_F_NEXT:
+                self._readable[head] = readable
                 return chain
             if d.next >= table_len:
                 raise ChainError(head, f"next index {d.next} outside a {table_len}-entry table")
@@ -316,15 +321,21 @@ class Queue:
 
     # -- completing ---------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
-        """Return chain ``head`` to the driver with ``length`` bytes written (2.7.8.2)."""
+        """Return chain ``head`` to the driver with ``length`` bytes written (2.7.8.2), and count it
+        (every device completes its chains here: the per-queue counters in QueueState)."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range")
-        slot = self.state.next_used % self.size
-        elem = self.state.used_ring + 4 + 8 * slot
-        self.mem.write(elem, head.to_bytes(4, "little") + (length & 0xFFFFFFFF).to_bytes(4, "little"))
-        self.state.next_used = (self.state.next_used + 1) & 0xFFFF
+        s = self.state
+        length &= 0xFFFFFFFF
+        slot = s.next_used % self.size
+        elem = s.used_ring + 4 + 8 * slot
+        self.mem.write(elem, head.to_bytes(4, "little") + length.to_bytes(4, "little"))
+        s.next_used = (s.next_used + 1) & 0xFFFF
         # x86 is TSO and CPython stores in program order: the element is visible before idx.
-        self.mem.write_u16(self.state.used_ring + 2, self.state.next_used)
+        self.mem.write_u16(s.used_ring + 2, s.next_used)
+        s.requests += 1
+        s.read_bytes += self._readable[head]
+        s.written_bytes += length
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was added since the last one (2.7.10)."""
