@@ -69,6 +69,11 @@ FUZZ_CASES ?= 100000
 fuzz: venv
 	$(VPY) -m fuzz.run --cases $(FUZZ_CASES)
 
+# The long form of the soak and leak accounting (tests/soak; the CI form runs a few of each): boots guests.
+.PHONY: soak
+soak: venv
+	KATAPY_SOAK_RUNS=200 KATAPY_SOAK_PODS=10 KATAPY_SOAK_ROUNDS=5 KATAPY_SOAK_EXECS=100 $(VPY) -m pytest -v -s tests/soak
+
 install: venv protos cffi
 	bash scripts/install.sh
 	$(VPY) scripts/containerd-config.py --config $(CONTAINERD_CONFIG)
