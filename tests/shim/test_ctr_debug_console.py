@@ -1,6 +1,6 @@
 """``katapy exec`` into a sandbox started by containerd with ``debug_console = true``: a command with its
 status and separate streams, a shell on a pty with a resize, and the refusals (no such sandbox, console
-off, VMM gone).  The configured backend (QEMU microvm under TCG on this host).
+off, VMM gone), and the shim's SIGUSR1 debug dump.  The configured backend (QEMU microvm under TCG on this host).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 
 from katapy.shim.persist import SandboxRecord
 
-from .containerd import PrivateContainerd, private_containerd
+from .containerd import PrivateContainerd, private_containerd, shim_pids
 from .test_ctr_run import BOOT_TIMEOUT, IMAGE, RUNTIME, _leftovers, _require_guest
 
 CID = "kr-console"
@@ -119,6 +119,17 @@ def test_katapy_exec_runs_commands_and_a_resizable_shell_in_the_vm(console_conta
         # the VM's side is gone with the session: no shell of the console is left in the guest
         r = _exec(c, CID, "sh", "-c", "ps -o pid,args | grep -c '[/]bin/sh -l' || true")
         assert r.stdout.strip() == "0", r.stdout
+
+        # SIGUSR1 on the shim: its threads' stacks into containerd's log, and it keeps serving
+        (shim,) = shim_pids(c.katapy_state)
+        os.kill(shim, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "debug dump done" not in c.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = c.log_path.read_text(errors="replace")
+        assert "event='thread stack'" in text and "_dump_on_sigusr1" in text, text[-3000:]
+        assert "tracemalloc='off" in text, text[-3000:]
+        assert c.ctr("task", "exec", "--exec-id", "after-dump", CID, "true", check=False).returncode == 0
     finally:
         c.ctr("task", "kill", "-s", "SIGKILL", CID, check=False)
         c.ctr("task", "delete", "-f", CID, check=False)

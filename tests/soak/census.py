@@ -98,6 +98,13 @@ def rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmRSS")
 
 
+def private_kib(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssShmem) of ``pid``, KiB.  The shim's own memory is RssAnon: its VmRSS also counts the
+    guest RAM it maps shared (the memfd of ``memory-backend-memfd``, for its vhost-user back ends),
+    which grows as the guest touches its memory -- guest use, bounded by the VM's size, not a leak."""
+    return _status_kib(pid, "RssAnon"), _status_kib(pid, "RssShmem")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

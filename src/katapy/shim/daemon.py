@@ -3,7 +3,8 @@
 One trio run holds everything: the ttrpc server, the event publisher, the
 runtime handler's stdio pumps and waiters.  It ends when Shutdown is
 accepted (after the answer and the queued events went out) or on
-SIGTERM/SIGINT, stopping the sandbox first.
+SIGTERM/SIGINT, stopping the sandbox first.  SIGUSR1 logs a debug dump
+(katapy.shim.debug_dump: thread stacks, allocation sites when tracing).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ async def serve(args: ShimArgs, listener: socket.socket) -> None:
         nursery.start_soon(ShimMetrics(handler, service.requests).run, handler.sandbox_started)
         nursery.start_soon(server.serve_unix, listener)
         logger.info("shim serving", pid=os.getpid(), socket=args.socket, events=ttrpc_address)
+        nursery.start_soon(_dump_on_sigusr1, logger)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as waiters:
                 async def on_shutdown() -> None:
@@ -62,6 +64,15 @@ async def serve(args: ShimArgs, listener: socket.socket) -> None:
         await trio.sleep(GRACE_S)  # let the Shutdown answer leave before the socket closes
         nursery.cancel_scope.cancel()
     logger.info("shim exiting", events_sent=publisher.sent, events_dropped=publisher.dropped)
+
+
+async def _dump_on_sigusr1(logger: object) -> None:
+    from katapy.shim.debug_dump import AllocationSites, dump
+
+    sites = AllocationSites()
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            dump(logger, sites)
 
 
 def run(args: ShimArgs) -> int:
