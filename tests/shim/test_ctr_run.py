@@ -47,7 +47,7 @@ def run(c: PrivateContainerd, cid: str, *cmd: str, extra: tuple[str, ...] = (), 
                  input=input)
 
 
-KR_IDS = ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart", "kr-priv")
+KR_IDS = ("kr-out", "kr-exit3", "kr-exit137", "kr-env", "kr-bind", "kr-d", "kr-k9", "kr-restart", "kr-priv", "kr-bmetrics")
 
 
 def _leftovers(c: PrivateContainerd, settle_s: float = 15.0) -> list[str]:

@@ -8,6 +8,7 @@ sandbox really ran on the built-in backend.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,42 @@ def test_builtin_bind_mount_read_and_written(containerd: PrivateContainerd, tmp_
     m = _mark(containerd)
     base.test_bind_mount_read_and_written(containerd, tmp_path)
     _assert_builtin(containerd, m)
+
+
+def _sum(text: str, prefix: str, *must: str) -> float:
+    """The sum of the samples of ``prefix`` whose labels contain every string of ``must``."""
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(prefix + "{") and all(m in ln for m in must))
+
+
+def test_builtin_sandbox_metrics_count_vm_exits_and_virtio_traffic(containerd: PrivateContainerd) -> None:
+    """The shim's metrics endpoint of a real built-in sandbox: KVM exits by reason and the virtio queues'
+    requests and bytes, which a container's output (100 KiB through the agent's vsock) moves."""
+    from katapy.metrics.endpoint import SOCKET_NAME, fetch
+
+    c, cid, m = containerd, "kr-bmetrics", _mark(containerd)
+    c.ctr("run", "-d", "--runtime", base.RUNTIME, base.IMAGE, cid, "sleep", "600", timeout=base.BOOT_TIMEOUT)
+    try:
+        _assert_builtin(c, m)
+        sock = c.katapy_state / cid / SOCKET_NAME
+        for _ in range(150):
+            if sock.is_socket():
+                break
+            time.sleep(0.2)
+        before = fetch(sock, 10).decode()
+        assert _sum(before, "katapy_hypervisor_vm_exits_total") > 0, before
+        assert _sum(before, "katapy_hypervisor_vm_exits_total", 'reason="mmio') > 0, before  # virtio-mmio kicks
+        assert _sum(before, "katapy_hypervisor_virtio_requests_total", 'device="virtio-vsock-') > 0, before
+        assert _sum(before, "katapy_hypervisor_virtio_requests_total", 'device="virtio-fs-') > 0, before  # the rootfs
+        res = c.ctr("task", "exec", "--exec-id", "big", cid, "head", "-c", "102400", "/dev/zero", check=False)
+        assert res.returncode == 0 and len(res.stdout) == 102400, (res.returncode, len(res.stdout), res.stderr)
+        after = fetch(sock, 10).decode()
+        moved = (_sum(after, "katapy_hypervisor_virtio_bytes_total", 'device="virtio-vsock-')
+                 - _sum(before, "katapy_hypervisor_virtio_bytes_total", 'device="virtio-vsock-'))
+        assert moved >= 102400, f"vsock bytes moved by {moved} for 100 KiB of output"
+        assert _sum(after, "katapy_hypervisor_vm_exits_total") > _sum(before, "katapy_hypervisor_vm_exits_total")
+    finally:
+        c.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        c.ctr("task", "delete", "-f", cid, check=False)
+        c.ctr("containers", "rm", cid, check=False)
+    assert not base._leftovers(c)
