@@ -132,7 +132,11 @@ def test_a_running_sandbox_is_scraped_and_leaves_with_its_socket(containerd: Pri
             t.join(timeout=30)
         assert not errors, errors
         assert took and max(took) < 2.0 + 1.5, max(took)
-        assert not sock.exists()
+        # containerd does not wait for the shim to exit after Shutdown: the socket goes with the shim
+        deadline = time.monotonic() + 20
+        while sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not sock.exists(), "the metrics socket outlived its shim by 20 s"
         assert f'sandbox_id="{CID}"' not in mon.render().decode()
     finally:
         mon.close()
