@@ -21,6 +21,7 @@ from katapy.vmm.virtio.device import (
 from katapy.vmm.virtio.fs import fuse as F
 from katapy.vmm.virtio.fs.fdlimit import raise_nofile_limit
 from katapy.vmm.virtio.fs.passthrough import FuseServer, NoReply, Request
+from katapy.vmm.virtio.fs.resolve import check_host
 from katapy.vmm.virtio.queue import DescriptorChain, Queue
 
 _log = log.get("vmm.virtio.fs")
@@ -42,6 +43,11 @@ class FsDevice(VirtioDevice):
         self.shared_dir = os.fspath(shared_dir)
         if not os.path.isdir(self.shared_dir):
             raise FileNotFoundError(f"shared directory {self.shared_dir} does not exist")
+        fd = os.open(self.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            check_host(fd)  # openat2(2) and procfs, or no confinement: fail before the guest boots (resolve.py)
+        finally:
+            os.close(fd)
         self.server: FuseServer | None = None
         self._queues: list[Queue] = []
         self._kick_fds: list[int] = []

@@ -1,9 +1,11 @@
 """The FUSE inode table: node ids -> O_PATH file descriptors inside the shared directory.
 
 Every inode is held as an ``O_PATH | O_NOFOLLOW`` fd opened *relative to its
-parent's fd* with a single validated name component, so no request can name a
-path outside the share: there are no path strings, ``..`` is refused, and
-symlinks are never followed by the server (their targets are only data).
+parent's fd* with a single validated name component, by openat2(2) with
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`` (resolve.py),
+so no request can name a path outside the share: there are no path strings,
+``..`` is refused (by ``check_name`` and again by the kernel), and symlinks are
+never followed by the server (their targets are only data).
 Lookups of the same host inode (hard links) share one node id; ``nlookup``
 counts the kernel's references (FORGET drops them).
 """
@@ -16,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from katapy.vmm.virtio.fs.fuse import ROOT_ID
+from katapy.vmm.virtio.fs.resolve import check_host, open_beneath
 
 
 @dataclass
@@ -26,11 +29,6 @@ class Inode:
     ino: int
     mode: int
     nlookup: int = 0
-
-    @property
-    def proc_path(self) -> str:
-        """The fd's magic link: re-opens this very inode, never a path that could have moved."""
-        return f"/proc/self/fd/{self.fd}"
 
 
 def check_name(name: bytes) -> str:
@@ -45,7 +43,12 @@ def check_name(name: bytes) -> str:
 class InodeTable:
     def __init__(self, root: str):
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = os.fstat(fd)
+        try:
+            check_host(fd)
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self._lock = threading.Lock()
         self.root = Inode(ROOT_ID, fd, st.st_dev, st.st_ino, st.st_mode, 2)
         self._by_id: dict[int, Inode] = {ROOT_ID: self.root}
@@ -62,7 +65,7 @@ class InodeTable:
         """Open ``name`` under ``parent`` and take one lookup reference on its node."""
         if not stat.S_ISDIR(parent.mode):
             raise OSError(errno.ENOTDIR, "parent is not a directory")
-        fd = os.open(check_name(name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        fd = open_beneath(parent.fd, check_name(name), os.O_PATH)
         try:
             st = os.fstat(fd)
         except OSError:

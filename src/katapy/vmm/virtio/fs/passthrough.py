@@ -2,8 +2,10 @@
 
 ``FuseServer.handle(request, writer)`` takes one parsed request and returns
 the reply body (or writes READ data straight into the chain's guest memory).
-Every syscall is relative to an inode's O_PATH fd (see inodes.py); errors
-become ``-errno`` replies.  New files get the caller's uid/gid.
+Every syscall is relative to an inode's O_PATH fd (see inodes.py); names are
+resolved and inodes re-opened only through resolve.py; errors become
+``-errno`` replies.  New files get the caller's uid/gid.  How each request is
+kept inside the share: docs/virtio.md, "Confinement of the file server".
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from dataclasses import dataclass
 from katapy import log
 from katapy.vmm.virtio.fs import fuse as F
 from katapy.vmm.virtio.fs.inodes import Inode, InodeTable, check_name
+from katapy.vmm.virtio.fs.resolve import GUEST_OPEN_FLAGS, open_beneath, proc_path, reopen
 from katapy.vmm.virtio.queue import Reader, Writer
 
 _log = log.get("vmm.virtio.fs")
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+AT_FDCWD = -100
+SYS_RENAMEAT2 = 316  # x86_64
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 MAX_WRITE = 128 * 1024
@@ -52,6 +57,10 @@ def _attr(st: os.stat_result) -> bytes:
 #: xattr names only the host may write (see ``FuseServer._check_guest_may_write_xattr``)
 _FILE_CAPS = b"security.capability"
 _TRUSTED = b"trusted."
+
+#: character devices a guest may mknod (see ``FuseServer._check_guest_may_mknod``): the whiteout 0:0 and
+#: the OCI runtime-spec's default devices but /dev/console: null, zero, full, random, urandom, tty, ptmx
+_HARMLESS_CHAR_DEVICES = frozenset({(0, 0), (1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)})
 
 
 def _cstr(raw: bytes) -> tuple[bytes, bytes]:
@@ -186,10 +195,29 @@ class FuseServer:
             self.inodes.forget(nodeid, n)
         raise NoReply()
 
+    @staticmethod
+    def _check_guest_may_mknod(mode: int, rdev: int) -> None:
+        """Device nodes from the guest: only those every host user may open anyway, and the whiteout.
+
+        The server never opens a device node (``resolve.reopen``), but the node stays in a host
+        directory: a ``c 1 1`` mode 0666 there is the host's physical memory to any host process or
+        user that can reach it, and a ``nodev`` mount of the share would not help, as the same inode
+        may be reachable through another mount of its file system.  So a block device is refused, and
+        a character device unless it is one of :data:`_HARMLESS_CHAR_DEVICES` (the host has them in
+        /dev, mode 0666, for everyone) or 0:0, which is no device (opening it is ENXIO) and is what
+        overlayfs in the guest, and RENAME_WHITEOUT, use for whiteouts.  FIFOs, sockets and regular
+        files may be made: the server refuses to open the first two.
+        """
+        dev = os.major(rdev), os.minor(rdev)
+        if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) and dev not in _HARMLESS_CHAR_DEVICES:
+            kind = "block" if stat.S_ISBLK(mode) else "character"
+            raise OSError(errno.EPERM, f"mknod of {kind} device {dev[0]}:{dev[1]}")
+
     def mknod(self, req: Request) -> bytes:
         mode, rdev, umask, _ = self._struct(req, F.MKNOD_IN)
         name, _ = _cstr(self._names(req))
         parent = self.inodes.get(req.nodeid)
+        self._check_guest_may_mknod(mode, rdev)
         os.mknod(check_name(name), mode & ~umask, rdev, dir_fd=parent.fd)
         return self._new_entry(req, parent, name)
 
@@ -231,8 +259,10 @@ class FuseServer:
         src, dst = self.inodes.get(req.nodeid), self.inodes.get(newdir)
         if flags & ~7:
             raise OSError(errno.EINVAL, "unknown rename flags")
-        _ctypes_check(_libc.renameat2(src.fd, os.fsencode(check_name(old)), dst.fd, os.fsencode(check_name(new)),
-                                      ctypes.c_uint(flags)))
+        # the syscall itself: glibc's renameat2() with flags 0 makes renameat(2), which the device threads'
+        # seccomp list (vmm/seccomp/filters.py) does not name
+        _ctypes_check(_libc.syscall(ctypes.c_long(SYS_RENAMEAT2), src.fd, os.fsencode(check_name(old)), dst.fd,
+                                    os.fsencode(check_name(new)), ctypes.c_uint(flags)))
         return b""
 
     def link(self, req: Request) -> bytes:
@@ -264,7 +294,8 @@ class FuseServer:
         if valid & F.FATTR_MODE:
             if is_link:
                 raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
-            os.chmod(node.proc_path, mode & 0o7777)
+            # fchmodat(2), not chmod(2) (os.chmod): the one the device threads' seccomp list names
+            _ctypes_check(_libc.fchmodat(AT_FDCWD, os.fsencode(proc_path(node.fd)), ctypes.c_uint(mode & 0o7777), 0))
         if valid & (F.FATTR_UID | F.FATTR_GID):
             _ctypes_check(_libc.fchownat(node.fd, b"", ctypes.c_uint(uid if valid & F.FATTR_UID else 0xFFFFFFFF),
                                          ctypes.c_uint(gid if valid & F.FATTR_GID else 0xFFFFFFFF),
@@ -273,7 +304,7 @@ class FuseServer:
             if valid & F.FATTR_FH and fh in self._handles:
                 os.ftruncate(self._handles[fh], size)
             elif stat.S_ISREG(node.mode):
-                os.truncate(node.proc_path, size)
+                os.truncate(proc_path(node.fd), size)
             else:
                 raise OSError(errno.EINVAL, "truncate of a non-regular file")
         if valid & (F.FATTR_ATIME | F.FATTR_MTIME | F.FATTR_ATIME_NOW | F.FATTR_MTIME_NOW) and not is_link:
@@ -282,7 +313,7 @@ class FuseServer:
                 if valid & (F.FATTR_ATIME | F.FATTR_ATIME_NOW) else st.st_atime_ns
             m = (time_ns_now() if valid & F.FATTR_MTIME_NOW else mtime * 10**9 + mtime_ns) \
                 if valid & (F.FATTR_MTIME | F.FATTR_MTIME_NOW) else st.st_mtime_ns
-            os.utime(node.proc_path, ns=(a, m))
+            os.utime(proc_path(node.fd), ns=(a, m))
         return self.getattr(req)
 
     def access(self, req: Request) -> bytes:
@@ -299,7 +330,7 @@ class FuseServer:
         return b""
 
     def statfs(self, req: Request) -> bytes:
-        s = os.statvfs(self.inodes.get(req.nodeid).proc_path)
+        s = os.fstatvfs(self.inodes.get(req.nodeid).fd)
         return F.KSTATFS.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize, s.f_namemax,
                               s.f_frsize, 0)
 
@@ -308,7 +339,7 @@ class FuseServer:
         node = self.inodes.get(req.nodeid)
         if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
             raise OSError(errno.EPERM, "xattrs only on regular files and directories")
-        return node.proc_path
+        return proc_path(node.fd)
 
     @staticmethod
     def _check_guest_may_write_xattr(name: bytes) -> None:
@@ -361,36 +392,16 @@ class FuseServer:
         return b""
 
     # -- files ------------------------------------------------------------------
-    def _open_flags(self, flags: int) -> int:
-        # never let the guest make us follow a symlink or create via the proc link
-        return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECTORY)) | os.O_CLOEXEC
-
-    @staticmethod
-    def _check_openable(mode: int) -> None:
-        """Only regular files and directories are opened on the host.
-
-        A Linux guest opens FIFOs, sockets and device nodes on a FUSE mount itself and never sends
-        FUSE_OPEN for them; a hostile one that did would block the device loop in open(2) on a FIFO,
-        or get a host device behind a node it made with MKNOD.
-        """
-        if stat.S_ISLNK(mode):
-            raise OSError(errno.ELOOP, "open of a symlink")
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise OSError(errno.EPERM, f"open of a special file (mode {mode:#o})")
-
     def open(self, req: Request) -> bytes:
         flags, _ = self._struct(req, F.OPEN_IN)
-        node = self.inodes.get(req.nodeid)
-        self._check_openable(node.mode)
-        fd = os.open(node.proc_path, self._open_flags(flags))
+        fd = reopen(self.inodes.get(req.nodeid).fd, flags)  # regular files and directories only
         return F.OPEN_OUT.pack(self._new_handle(fd), 0, 0)
 
     def _open_existing(self, parent: Inode, name: str, flags: int) -> int:
-        """Open an existing ``name`` as OPEN would: through an O_PATH fd whose type was checked first."""
-        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        """Open an existing ``name`` as OPEN would: through an O_PATH fd whose type is checked first."""
+        path_fd = open_beneath(parent.fd, name, os.O_PATH)
         try:
-            self._check_openable(os.fstat(path_fd).st_mode)
-            return os.open(f"/proc/self/fd/{path_fd}", self._open_flags(flags))
+            return reopen(path_fd, flags)
         finally:
             os.close(path_fd)
 
@@ -399,9 +410,9 @@ class FuseServer:
         name, _ = _cstr(self._names(req))
         parent = self.inodes.get(req.nodeid)
         checked = check_name(name)
-        try:  # O_EXCL first: O_CREAT alone would open an existing FIFO or device node (see _check_openable)
-            fd = os.open(checked, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         mode & ~umask & 0o7777, dir_fd=parent.fd)
+        try:  # O_EXCL first: O_CREAT alone would open an existing FIFO or device node (see resolve.reopen)
+            fd = open_beneath(parent.fd, checked, (flags & GUEST_OPEN_FLAGS) | os.O_CREAT | os.O_EXCL,
+                              mode & ~umask & 0o7777)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -461,7 +472,12 @@ class FuseServer:
         return b""
 
     def syncfs(self, req: Request) -> bytes:
-        os.sync()
+        """syncfs(2) of the share's file system only, not sync(2) of every file system on the host."""
+        fd = reopen(self.inodes.root.fd, os.O_RDONLY)
+        try:
+            _ctypes_check(_libc.syncfs(fd))
+        finally:
+            os.close(fd)
         return b""
 
     def fallocate(self, req: Request) -> bytes:
@@ -482,7 +498,7 @@ class FuseServer:
         node = self.inodes.get(req.nodeid)
         if not stat.S_ISDIR(node.mode):
             raise OSError(errno.ENOTDIR, "not a directory")
-        fd = os.open(node.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = reopen(node.fd, os.O_RDONLY)
         fh = self._new_handle(fd)
         self._dirs[fh] = []
         return F.OPEN_OUT.pack(fh, 0, 0)
