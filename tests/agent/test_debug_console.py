@@ -2,7 +2,7 @@
 
 The server runs in a child process of its own with the agent's Reaper (which
 reaps every child of its process, as PID 1 does in the guest); the test
-speaks the wire format (katapy.agent.console.wire) to it, as ``katapy exec``
+speaks the wire format (katapy.protocol.debug_console) to it, as ``katapy exec``
 does through the hybrid vsock.  The guest end to end is
 tests/shim/test_ctr_debug_console.py.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from katapy import paths
-from katapy.agent.console import wire
+from katapy.protocol import debug_console as wire
 
 SERVER = """
 import socket, sys, time

@@ -1,5 +1,5 @@
 """The agent's end of port forwarding (katapy.agent.portforward), on host sockets: the request and
-status lines, every way a stream is refused, and the byte copy with half-close.
+status lines (katapy.protocol.portforward), every way a stream is refused, and the byte copy with half-close.
 
 A socketpair (or a unix listener for the accept loop) stands in for the vsock
 stream from the shim; the forwarded-to server (katapy.testing.tcp_echo)
@@ -15,14 +15,15 @@ from collections.abc import Iterator
 import pytest
 
 from katapy.agent import portforward as pf
+from katapy.protocol import portforward as wire
 from katapy.testing.tcp_echo import echo_server
 
 
 def test_request_line_round_trips() -> None:
     for port in (1, 80, 8080, 65535):
-        assert pf.parse_request(pf.request_line(port)) == port
-    assert pf.request_line(8080) == b"PORT 8080\n"
-    assert len(pf.request_line(65535)) <= pf.REQUEST_MAX
+        assert wire.parse_request(wire.request_line(port)) == port
+    assert wire.request_line(8080) == b"PORT 8080\n"
+    assert len(wire.request_line(65535)) <= wire.REQUEST_MAX
 
 
 @pytest.mark.parametrize("line, why", [
@@ -41,27 +42,27 @@ def test_request_line_round_trips() -> None:
     (b"PORT \xd9\xa8\n", "bad port"),  # a non-ASCII digit
 ])
 def test_bad_requests_are_refused(line: bytes, why: str) -> None:
-    with pytest.raises(pf.RequestError, match=why):
-        pf.parse_request(line)
+    with pytest.raises(wire.RequestError, match=why):
+        wire.parse_request(line)
 
 
 def test_request_line_refuses_ports_out_of_range() -> None:
     for port in (0, 65536, -5):
-        with pytest.raises(pf.RequestError):
-            pf.request_line(port)
+        with pytest.raises(wire.RequestError):
+            wire.request_line(port)
 
 
 def test_status_lines() -> None:
-    assert pf.status_line() == b"OK\n"
-    assert pf.parse_status(b"OK\n") is None
-    assert pf.parse_status(pf.status_line("connect 127.0.0.1:81: Connection refused")) == \
+    assert wire.status_line() == b"OK\n"
+    assert wire.parse_status(b"OK\n") is None
+    assert wire.parse_status(wire.status_line("connect 127.0.0.1:81: Connection refused")) == \
         "connect 127.0.0.1:81: Connection refused"
-    long = pf.status_line("x\n" * 1000)  # made one line, bounded
-    assert long.endswith(b"\n") and long.count(b"\n") == 1 and len(long) == pf.STATUS_MAX
-    assert "closed the stream" in pf.parse_status(b"")
-    assert "closed the stream" in pf.parse_status(b"OK")
-    assert "unexpected" in pf.parse_status(b"HELLO\n")
-    assert pf.parse_status(b"ERR \n") == "unspecified error"
+    long = wire.status_line("x\n" * 1000)  # made one line, bounded
+    assert long.endswith(b"\n") and long.count(b"\n") == 1 and len(long) == wire.STATUS_MAX
+    assert "closed the stream" in wire.parse_status(b"")
+    assert "closed the stream" in wire.parse_status(b"OK")
+    assert "unexpected" in wire.parse_status(b"HELLO\n")
+    assert wire.parse_status(b"ERR \n") == "unspecified error"
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def _closed(host: socket.socket, t: threading.Thread) -> bool:
 
 def test_forwards_both_ways_with_half_close(server: tuple[int, list[bytes]]) -> None:
     port, got = server
-    host, line, t = _exchange(pf.request_line(port))
+    host, line, t = _exchange(wire.request_line(port))
     assert line == b"OK\n"
     payload = bytes(range(256)) * 1000  # more than one chunk
     host.sendall(payload)
@@ -124,7 +125,7 @@ def test_forwards_both_ways_with_half_close(server: tuple[int, list[bytes]]) -> 
 
 def test_nobody_listening_gets_an_error_line_and_a_close() -> None:
     port = _free_port()
-    host, line, t = _exchange(pf.request_line(port))
+    host, line, t = _exchange(wire.request_line(port))
     assert line.startswith(b"ERR ") and f"127.0.0.1:{port}".encode() in line and b"refused" in line
     assert _closed(host, t)
     host.close()
@@ -139,7 +140,7 @@ def test_nobody_listening_gets_an_error_line_and_a_close() -> None:
 ])
 def test_garbage_gets_an_error_line_and_a_close(request_bytes: bytes) -> None:
     host, line, t = _exchange(request_bytes)
-    assert line.startswith(b"ERR ") and line.endswith(b"\n") and len(line) <= pf.STATUS_MAX
+    assert line.startswith(b"ERR ") and line.endswith(b"\n") and len(line) <= wire.STATUS_MAX
     assert _closed(host, t)
     host.close()
 
@@ -170,7 +171,7 @@ def test_the_accept_loop_bounds_connections(server: tuple[int, list[bytes]], tmp
         s.settimeout(10)
         s.connect(str(tmp_path / "pf.sock"))
         try:
-            s.sendall(pf.request_line(port))
+            s.sendall(wire.request_line(port))
         except BrokenPipeError:
             pass  # refused before it read the request: its ERR line is still there to read
         return s

@@ -37,7 +37,7 @@ def _config() -> kconfig.KatapyConfig:
 
 
 def test_guest_answers_at_the_pod_ip():
-    from katapy.hypervisor.agent_dial import dial_agent
+    from katapy.shim.agent_dial import dial_agent
     from katapy.testing.sandbox import missing_requirements
 
     cfg = _config()

@@ -59,7 +59,7 @@ def test_the_redirect_rule_names_katapy_and_the_sandbox() -> None:
 
 def test_the_guest_port_is_the_agents() -> None:
     from katapy.agent.__main__ import DEFAULT_PORT, LOG_PORT
-    from katapy.agent.portforward import PORT_FORWARD_PORT
+    from katapy.protocol.portforward import PORT_FORWARD_PORT
 
     assert pf.PortForwarder("s", "/x", Path("/y")).guest_port == PORT_FORWARD_PORT == 1026
     assert len({DEFAULT_PORT, LOG_PORT, PORT_FORWARD_PORT}) == 3

@@ -1,11 +1,11 @@
-"""katapy.resource.fds: the note an error gets when the shim is at its file-descriptor limit."""
+"""katapy.linux.fds: the note an error gets when the shim is at its file-descriptor limit."""
 from __future__ import annotations
 
 import errno
 import os
 import resource
 
-from katapy.resource.fds import exhaustion_note
+from katapy.linux.fds import exhaustion_note
 
 
 def test_far_from_the_limit_there_is_no_note_unless_the_error_is_emfile():

@@ -25,7 +25,7 @@ from katapy import config as kconfig
 from katapy import hypervisor
 from katapy.agent_client.types import Interface, IPAddress
 from katapy.hypervisor.base import NetDevice as NetDeviceSpec
-from katapy.hypervisor.agent_dial import dial_agent
+from katapy.shim.agent_dial import dial_agent
 from katapy.testing.sandbox import missing_requirements
 
 from agent.helpers import make_busybox_rootfs, make_spec  # tests/ is on sys.path (rootdir-relative packages)

@@ -17,7 +17,7 @@ from katapy.vmm.boot.loader import (
     load_elf,
     load_kernel,
 )
-from katapy.vmm.kvm.system import CpuidEntry
+from katapy.vmm.kvm.cpuid import CpuidEntry
 from katapy.vmm.memory import GuestMemory
 
 GIB = 1 << 30

@@ -142,7 +142,8 @@ def main(argv: list[str]) -> int:
     sock = listen(listen_spec)
     kind, _, where = listen_spec.partition(":")
     if kind == "vsock":
-        from katapy.agent.portforward import PORT_FORWARD_PORT, Forwarder
+        from katapy.agent.portforward import Forwarder
+        from katapy.protocol.portforward import PORT_FORWARD_PORT
 
         try:
             Forwarder(listen(f"vsock:{PORT_FORWARD_PORT}")).start()
@@ -156,7 +157,7 @@ def main(argv: list[str]) -> int:
             log.error("upcall not served", port=UPCALL_PORT, error=str(exc))
         if params.get("katapy.debug_console") == "1":  # the host's debug_console = true
             from katapy.agent.console.server import ConsoleServer
-            from katapy.agent.console.wire import DEBUG_CONSOLE_PORT
+            from katapy.protocol.debug_console import DEBUG_CONSOLE_PORT
 
             try:
                 ConsoleServer(listen(f"vsock:{DEBUG_CONSOLE_PORT}"), reaper).start()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from katapy.agent.types import IP_FAMILY_V4 as FAMILY_V4
-from katapy.agent.types import IP_FAMILY_V6 as FAMILY_V6
-from katapy.agent.types import Interface, IPAddress, Route
+from katapy.protocol.types import IP_FAMILY_V4 as FAMILY_V4
+from katapy.protocol.types import IP_FAMILY_V6 as FAMILY_V6
+from katapy.protocol.types import Interface, IPAddress, Route
 from katapy.ttrpc.errors import InvalidArgument, NotFound
 
 IFF_UP = 0x1

@@ -14,11 +14,12 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 
-from katapy.agent import VERSION, log, oci, storage, types
+from katapy.agent import VERSION, log, oci, storage
 from katapy.agent.container import Containers
 from katapy.agent.sandbox import Sandbox
 from katapy.pb import agent_pb2, health_pb2, types_pb2
 from katapy.agent.stdio import StreamClosed
+from katapy.protocol import types
 from katapy.ttrpc.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, TtrpcError, Unknown
 
 AGENT_SERVICE = "grpc.AgentService"

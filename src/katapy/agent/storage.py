@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from katapy.agent.types import Storage
+from katapy.protocol.types import Storage
 from katapy.ttrpc.errors import FailedPrecondition, Internal, InvalidArgument
 
 # mount(2) flags (include/uapi/linux/mount.h)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from katapy.agent.types import IP_FAMILY_V4, IP_FAMILY_V6, Interface, IPAddress, Route, Storage
+from katapy.protocol.types import IP_FAMILY_V4, IP_FAMILY_V6, Interface, IPAddress, Route, Storage
 
 __all__ = [
     "IP_FAMILY_V4", "IP_FAMILY_V6", "Storage", "Device", "IPAddress", "Interface", "Route",

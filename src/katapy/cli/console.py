@@ -4,7 +4,7 @@ The sandbox must have been started with ``debug_console = true`` under
 ``[hypervisor]``; its record (``<state_dir>/<id>/sandbox.json``,
 katapy.shim.persist) says so and names the VMM's hybrid-vsock socket, where
 this dials guest port 1027 (``CONNECT 1027``) and speaks
-katapy.agent.console.wire.  Without CMD it opens the guest's shell.
+katapy.protocol.debug_console.  Without CMD it opens the guest's shell.
 
 With a terminal on stdin and stdout (or ``-t``) the guest gives the command a
 pty of this terminal's size; this terminal goes raw for the session and a
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from katapy import config
-from katapy.agent.console import wire
+from katapy.protocol import debug_console as wire
 
 CONNECT_TIMEOUT_S = 10.0
 KATAPY_FAILED = 125

@@ -32,7 +32,7 @@ from katapy.osbuilder.cpio import CpioWriter, write_archive
 IMAGE_CONFIG_DIR = paths.REPO_ROOT / "configs" / "guest-image"
 BUILDER_VERSION = "2"
 #: katapy sub-packages the guest needs (the agent's import closure)
-AGENT_PACKAGES = ("agent", "ttrpc", "pb", "upcall")
+AGENT_PACKAGES = ("agent", "ttrpc", "pb", "upcall", "protocol")
 #: third-party Python packages shipped in the guest, taken from this environment
 PYTHON_DEPS = ("google/protobuf", "google/_upb", "pyroute2")
 

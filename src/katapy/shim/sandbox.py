@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from katapy import log
+from katapy.linux.fds import exhaustion_note
 from katapy.resource import mounts
 from katapy.resource.cgroups import CgroupError, SandboxCgroup
 from katapy.resource.cpu import CpuResource, ResizeError, VcpuPolicy
-from katapy.resource.fds import exhaustion_note
 from katapy.resource.memory import MemoryPolicy, MemoryResource
 from katapy.resource.rootfs import GUEST_SHARED_DIR
 from katapy.shim.agent_log import AgentLogForwarder
@@ -226,7 +226,7 @@ class SandboxManager:
 
     async def _connect_agent(self) -> None:
         """Dial the agent; a failure says how far the guest got (its console's end goes to the shim log)."""
-        from katapy.hypervisor.agent_dial import VmEndedBeforeAgent, console_notes, last_lines
+        from katapy.shim.agent_dial import VmEndedBeforeAgent, console_notes, last_lines
         from katapy.ttrpc.errors import TtrpcError
 
         try:
@@ -257,13 +257,13 @@ class SandboxManager:
                           f"([agent] request_timeout); the guest is stuck or its VMM is stopped")
 
     def _console_tail(self) -> str:
-        from katapy.hypervisor.agent_dial import console_tail
+        from katapy.shim.agent_dial import console_tail
 
         return console_tail(self._console)
 
     async def _hold_agent(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, hand the client to ``start``, and keep it open until ``stop`` releases it."""
-        from katapy.hypervisor.agent_dial import dial_agent
+        from katapy.shim.agent_dial import dial_agent
 
         assert self.hypervisor is not None
         started = False

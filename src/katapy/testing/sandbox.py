@@ -36,8 +36,8 @@ import trio
 
 from katapy import config as kconfig
 from katapy import hypervisor, log
-from katapy.hypervisor.agent_dial import dial_agent
 from katapy.hypervisor.base import Hypervisor
+from katapy.shim.agent_dial import dial_agent
 
 _log = log.get("testing.sandbox")
 T = TypeVar("T")

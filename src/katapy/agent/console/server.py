@@ -4,7 +4,7 @@ Started by the agent only when the kernel command line says
 ``katapy.debug_console=1`` (the host's ``debug_console = true``); it is
 Kata's debug console (``agent.debug_console``), a way into the VM itself,
 not into a container: the command runs in the guest's own namespaces as
-root.  Framing: :mod:`katapy.agent.console.wire`.
+root.  Framing: :mod:`katapy.protocol.debug_console`.
 
 Per connection:
 
@@ -48,12 +48,12 @@ class ConsoleServer(Acceptor):
         self.reaper = reaper
 
     def refuse(self, conn: socket.socket) -> None:
-        from katapy.agent.console import wire
+        from katapy.protocol import debug_console as wire
 
         _send_quietly(conn, wire.error_frame(f"too many debug console sessions (limit {MAX_SESSIONS})"))
 
     def handle(self, conn: socket.socket) -> None:
-        from katapy.agent.console import wire
+        from katapy.protocol import debug_console as wire
 
         try:
             Session(conn, self.reaper).run()
@@ -86,7 +86,7 @@ class Session:
             self.conn.sendall(data)
 
     def run(self) -> None:
-        from katapy.agent.console import wire
+        from katapy.protocol import debug_console as wire
 
         self.conn.settimeout(OPEN_TIMEOUT_S)
         first = wire.FrameReader(self.conn, wire.HOST_TYPES).next()
@@ -171,7 +171,7 @@ class Session:
         """Copy the process's output into frames until every output has ended."""
         import select
 
-        from katapy.agent.console import wire
+        from katapy.protocol import debug_console as wire
 
         kinds = {outputs[0]: wire.STDOUT}
         if len(outputs) > 1:
@@ -191,7 +191,7 @@ class Session:
 
     def _feed(self) -> None:
         """The host's frames: stdin bytes, EOF and window sizes; the host gone hangs the session up."""
-        from katapy.agent.console import wire
+        from katapy.protocol import debug_console as wire
 
         reader = wire.FrameReader(self.conn, wire.HOST_TYPES)
         try:

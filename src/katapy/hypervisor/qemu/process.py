@@ -19,7 +19,7 @@ import trio
 from katapy import log
 from katapy.hypervisor.base import HypervisorError, VmExit, panic_line, read_tail
 from katapy.hypervisor.qemu.qmp import QmpClient, QmpError
-from katapy.resource.fds import exhaustion_note
+from katapy.linux.fds import exhaustion_note
 
 _log = log.get("hypervisor.qemu")
 

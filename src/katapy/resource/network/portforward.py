@@ -39,7 +39,7 @@ is set up:
    ``SO_ORIGINAL_DST 80``), a ``struct sockaddr_in``; the shim opens a new
    hybrid-vsock stream to the agent's port-forward port
    (``katapy.agent_client.dial.dial_hybrid_vsock``), sends ``PORT <n>`` and
-   reads the agent's status line (the protocol is ``katapy.agent.portforward``);
+   reads the agent's status line (the protocol is ``katapy.protocol.portforward``);
    on ``OK`` it copies bytes both ways, each direction ended with
    shutdown(SHUT_WR), until both have ended;
 4. on any failure (nothing listens in the guest, the agent's error, no vsock)
@@ -66,8 +66,8 @@ from typing import Any
 import trio
 
 from katapy import log
-from katapy.agent import portforward as protocol
-from katapy.agent.portforward import PORT_FORWARD_PORT
+from katapy.protocol import portforward as protocol
+from katapy.protocol.portforward import PORT_FORWARD_PORT
 from katapy.resource.network.netns import run_in_netns
 from katapy.resource.network.types import NetworkError
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -25,6 +25,25 @@ from katapy import log
 from katapy.resource.network import guest, pod
 from katapy.resource.network.portforward import PortForwarder
 from katapy.resource.network.types import NetworkError, PodNetwork
+
+if TYPE_CHECKING:
+    from katapy.agent_client.types import Interface, Route
+    from katapy.hypervisor.base import NetDevice
+
+
+class NicHost(Protocol):
+    """What the network needs of the hypervisor: NICs added before the VM starts
+    (``katapy.hypervisor.base.Hypervisor.add_device`` is one)."""
+
+    async def add_device(self, dev: NetDevice) -> None: ...
+
+
+class GuestNetworkAgent(Protocol):
+    """What the network needs of the guest agent (``katapy.agent_client.AgentClient`` is one)."""
+
+    async def update_interface(self, interface: Interface) -> Interface: ...
+
+    async def update_routes(self, routes: list[Route]) -> list[Route]: ...
 
 
 class SandboxNetwork:
@@ -36,7 +55,7 @@ class SandboxNetwork:
         self.port_forwarder: PortForwarder | None = None
         self._log = log.get("resource.network", sandbox_id=sandbox_id)
 
-    async def attach(self, hypervisor: Any) -> None:
+    async def attach(self, hypervisor: NicHost) -> None:
         """Set up the pod netns and add one NIC per endpoint to the (not yet started) hypervisor."""
         from katapy.hypervisor.base import NetDevice
 
@@ -45,7 +64,7 @@ class SandboxNetwork:
         for n, (ep, fd) in enumerate(zip(self.net.endpoints, self.tap_fds)):
             await hypervisor.add_device(NetDevice(f"net{n}", ep.tap_name, ep.guest_mac, tap_fd=fd))
 
-    async def configure_guest(self, agent: Any) -> None:
+    async def configure_guest(self, agent: GuestNetworkAgent) -> None:
         """Give the guest NICs the veths' names, MACs, MTUs, addresses, then the routes."""
         if self.net is None or not self.net.endpoints:
             return

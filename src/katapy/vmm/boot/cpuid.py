@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import struct
 
-from katapy.vmm.kvm.system import CpuidEntry
+from katapy.vmm.kvm.cpuid import CpuidEntry
 
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001

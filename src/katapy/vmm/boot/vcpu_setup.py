@@ -22,7 +22,7 @@ from katapy.vmm.boot import x86
 from katapy.vmm.boot.cpuid import vcpu_cpuid
 from katapy.vmm.config import FlatBoot
 from katapy.vmm.kvm import consts
-from katapy.vmm.kvm.system import CpuidEntry
+from katapy.vmm.kvm.cpuid import CpuidEntry
 from katapy.vmm.kvm.vcpu import Regs, Sregs, VcpuFd
 
 

@@ -17,7 +17,7 @@ from katapy.vmm.boot import e820, layout, mptable, msrs, paging, pvh, regs, zero
 from katapy.vmm.boot.cpuid import vcpu_cpuid
 from katapy.vmm.boot.loader import BootProtocol, LoadedKernel, initrd_address, load_kernel
 from katapy.vmm.boot.setup_header import DEFAULT_INITRD_ADDR_MAX
-from katapy.vmm.kvm.system import CpuidEntry
+from katapy.vmm.kvm.cpuid import CpuidEntry
 from katapy.vmm.kvm.vcpu import VcpuFd
 from katapy.vmm.memory import GuestMemory
 

@@ -1,4 +1,8 @@
-"""The compiled cffi module and errno handling; nothing outside ``katapy.vmm.kvm`` imports this."""
+"""The compiled cffi module and errno handling; nothing outside ``katapy.vmm.kvm`` imports this.
+
+(``katapy.vmm.barrier`` takes its one C function, the memory fence, from the compiled module itself, so that
+the virtqueues need none of the KVM wrappers.)
+"""
 from __future__ import annotations
 
 import errno as _errno

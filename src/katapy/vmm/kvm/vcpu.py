@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from katapy.vmm.kvm import exits
 from katapy.vmm.kvm._ffi import EAGAIN, EINTR, check, ffi, lib
-from katapy.vmm.kvm.system import CpuidEntry, cpuid_to_c
+from katapy.vmm.kvm.cpuid import CpuidEntry, cpuid_to_c
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from katapy.vmm.kvm.barrier import full_barrier
+from katapy.vmm.barrier import full_barrier
 from katapy.vmm.memory import GuestMemory, GuestMemoryError
 from katapy.vmm.virtio.device import DeviceError, QueueState
 

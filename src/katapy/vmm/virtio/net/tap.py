@@ -2,9 +2,9 @@
 
 The device reads and writes whole Ethernet frames, each preceded by the
 virtio-net header: the fd must be attached with IFF_TAP | IFF_NO_PI |
-IFF_VNET_HDR (katapy.resource.network.tap.open_queue does that, inside the
-pod netns), and here its header size is set to 12 (TUNSETVNETHDRSZ; 10 for a
-legacy driver, at activation) and every
+IFF_VNET_HDR (katapy.linux.tuntap.open_queue does that; the pod network
+calls it inside the pod netns), and here its header size is set to 12
+(TUNSETVNETHDRSZ; 10 for a legacy driver, at activation) and every
 offload is turned off (TUNSETOFFLOAD 0), so the kernel hands over complete,
 checksummed frames, which is all the driver is told to expect.
 """
@@ -14,16 +14,10 @@ import fcntl
 import os
 import struct
 
+from katapy.linux.tuntap import (
+    IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, IFREQ, TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ, TunError, open_queue,
+)
 from katapy.vmm.virtio.net.header import HEADER_SIZE
-
-# include/uapi/linux/if_tun.h
-TUNSETOFFLOAD = 0x400454D0
-TUNGETIFF = 0x800454D2
-TUNSETVNETHDRSZ = 0x400454D8
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-IFREQ = struct.Struct("16sH22x")  # struct ifreq: ifr_name[IFNAMSIZ], ifr_flags, padding to 40 bytes
 
 
 class TapError(OSError):
@@ -43,17 +37,14 @@ class Tap:
         TUNSETIFF on an unknown name would make a fresh tap nobody configured)."""
         import socket
 
-        from katapy.resource.network.tap import open_queue
-        from katapy.resource.network.types import NetworkError
-
         try:
             socket.if_nametoindex(name)
         except OSError:
             raise TapError(19, f"no network interface {name!r} in this network namespace") from None
         try:
             fd = open_queue(name, vnet_hdr=True)
-        except NetworkError as exc:
-            raise TapError(0, str(exc)) from None
+        except TunError as exc:
+            raise TapError(0, exc.strerror) from None
         return cls.adopt(fd)
 
     @classmethod

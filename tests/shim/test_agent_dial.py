@@ -1,4 +1,4 @@
-"""katapy.hypervisor.agent_dial: a dial that times out while the VM still runs says where the guest was; a VM
+"""katapy.shim.agent_dial: a dial that times out while the VM still runs says where the guest was; a VM
 that ends first fails the dial at once, with its exit."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import trio
 
-from katapy.hypervisor.agent_dial import VmEndedBeforeAgent, console_notes, console_tail, dial_agent
 from katapy.hypervisor.base import VmExit
+from katapy.shim.agent_dial import VmEndedBeforeAgent, console_notes, console_tail, dial_agent
 from katapy.ttrpc.errors import Unavailable
 
 

@@ -1,7 +1,7 @@
 """Plain values of the agent API shared by the agent and its host client (standard library only).
 
 Field meanings follow Kata's agent.proto Storage and types.proto
-Interface/IPAddress/Route; katapy.agent_client.types re-exports them.
+Interface/IPAddress/Route; katapy.agent_client.types re-exports them for the host side.
 """
 from __future__ import annotations
 

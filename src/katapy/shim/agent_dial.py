@@ -1,5 +1,12 @@
 """Dial the agent of a VM that was just started, watching the VM while the dial retries.
 
+The sandbox's policy (Kata runtime-rs: ``VirtSandbox`` starts the agent on the
+address its hypervisor gives): the hypervisor offers the address, its
+hybrid-vsock socket (``Hypervisor.agent_socket``), and the VM's end
+(``wait_exit``, the console log); ``katapy.agent_client`` offers the
+connection (``AgentClient.connect``, ``CONNECT <port>`` then ttrpc); this
+module puts them together for ``SandboxManager`` and ``katapy.testing.sandbox``.
+
 The agent listens on a vsock port once the guest has booted; the runtime dials
 it through the VMM's hybrid-vsock socket (``CONNECT <port>``, see
 docs/protocols.md §5) and retries until it answers or the dial timeout
@@ -16,11 +23,14 @@ needs to see where the guest stopped:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from katapy.hypervisor.base import Hypervisor, HypervisorError, VmExit, read_tail
+
+if TYPE_CHECKING:
+    from katapy.agent_client import AgentClient
 
 STILL_RUNS_NOTE = "the VM still runs; the end of its console:\n"
 
@@ -53,14 +63,14 @@ def last_lines(console: str, n: int = 3) -> str:
     return " | ".join(lines[-n:]) if lines else "(nothing)"
 
 
-async def dial_agent(hv: Hypervisor, port: int, timeout: float, console: Path | None = None) -> Any:
+async def dial_agent(hv: Hypervisor, port: int, timeout: float, console: Path | None = None) -> AgentClient:
     """Dial the agent over hybrid vsock; returns a connected ``katapy.agent_client.AgentClient``.
 
     Fails at once with :class:`VmEndedBeforeAgent` if the VM ends first; a dial
     that times out while the VM runs re-raises the dial's error with the tail
     of ``console`` (the VM's console log) as a note.
     """
-    from katapy.agent_client import AgentClient
+    from katapy.agent_client import AgentClient  # on first dial: the shim starts without protobuf loaded
 
     result: dict[str, Any] = {}
 
