@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/katapy/pb/*.proto)
 PB_STAMP := src/katapy/pb/.generated
-CFFI_SRC := csrc/kvm_ioctl/build.py $(wildcard csrc/kvm_ioctl/*.h)
+CFFI_SRC := csrc/kvm_ioctl/build.py $(wildcard csrc/kvm_ioctl/*.h) csrc/seccomp_trap/build.py
 CFFI_STAMP := $(VENV)/.cffi-built
 PYTEST_ARGS ?=
 CONTAINERD_CONFIG ?= /etc/containerd/config.toml
@@ -34,6 +34,7 @@ protos: $(PB_STAMP)
 
 $(CFFI_STAMP): $(CFFI_SRC) | $(VENV)/.installed
 	cd csrc/kvm_ioctl && ../../$(VPY) build.py
+	cd csrc/seccomp_trap && ../../$(VPY) build.py
 	@touch $@
 
 cffi: $(CFFI_STAMP)

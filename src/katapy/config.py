@@ -12,7 +12,7 @@ Where it comes from, first match wins:
 Sections and keys (every key optional)::
 
     [hypervisor]  name path kernel initrd kernel_params default_vcpus default_memory
-                  max_vcpus max_memory shared_fs debug_console
+                  max_vcpus max_memory shared_fs debug_console seccomp
     [agent]       port log_port dial_timeout request_timeout
     [runtime]     log_level state_dir privileged_without_host_devices
 
@@ -61,6 +61,8 @@ class HypervisorConfig:
     max_memory: int = 2048  # MiB
     shared_fs: str = "virtio-fs"
     debug_console: bool = False
+    # per-thread seccomp filters of katapy's VMM threads (katapy.vmm.seccomp) and QEMU's -sandbox; set by hypervisor.select
+    seccomp: bool = True
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,26 @@ def resize_support(backend: str, max_vcpus: int) -> str:
     return f"{vcpus}; {memory}; {devices}"
 
 
+def seccomp_support(backend: str, wanted: bool) -> tuple[bool, str]:
+    """Whether the built-in VMM's per-thread seccomp filters (katapy.vmm.seccomp) can be loaded here."""
+    if backend == "qemu":
+        return True, "QEMU's own filter: katapy always passes -sandbox on (katapy.hypervisor.qemu.command)"
+    if not wanted:
+        return False, "off ([hypervisor] seccomp = false): the VMM's vCPU and device threads are not filtered"
+    try:
+        from katapy.vmm import seccomp
+
+        problem = seccomp.kernel_support()
+        sizes = ", ".join(f"{c.value} {len(seccomp.program(c))}" for c in seccomp.ThreadClass)
+    except Exception as exc:  # noqa: BLE001 - an unbuilt extension is a finding
+        return False, f"unavailable: {exc}"
+    if problem:
+        return False, f"unavailable: {problem}"
+    return True, (f"available: kernel seccomp filters with the trap action; katapy's own BPF ({sizes} "
+                  "instructions) per vCPU and device thread, loaded by katapy.vmm._seccomp_trap; "
+                  "the shim's own threads are not filtered")
+
+
 def probe() -> Report:
     from katapy.hypervisor.selection import decide, kvm_flavor
 
@@ -146,6 +166,7 @@ def probe() -> Report:
     rep.hypervisor, rep.accel = d.name, d.accel
     rep.add("hypervisor", True, f"{d.name} (accel {d.accel}): {d.reason}")
     rep.add("live resize", True, resize_support(d.name, cfg.hypervisor.max_vcpus if cfg else 1))
+    rep.add("seccomp", *seccomp_support(d.name, cfg.hypervisor.seccomp if cfg else True))
 
     artifacts_ok = kernel.exists() and initrd.exists() and not problems
     backend_ok = (d.name == "builtin" and flavor.startswith("hardware")) or (d.name == "qemu" and qemu is not None)

@@ -44,10 +44,15 @@ def select(config: KatapyConfig | None = None, name: str | None = None) -> Hyper
     log.get("hypervisor").info(
         "hypervisor selected", backend=decision.name, accel=decision.accel, reason=decision.reason
     )
+    # [hypervisor] seccomp: the per-thread filters of katapy's own VMM threads (the built-in VMM's vCPU and
+    # device threads, the vhost-user back ends' loops beside QEMU) and QEMU's own -sandbox
+    from katapy.vmm import seccomp
+
+    seccomp.configure(config.hypervisor.seccomp)
     if decision.name == "qemu":
         from katapy.hypervisor.qemu import QemuHypervisor
 
-        return QemuHypervisor(config.hypervisor.path, accel=decision.accel)
+        return QemuHypervisor(config.hypervisor.path, accel=decision.accel, seccomp=config.hypervisor.seccomp)
     from katapy.hypervisor.builtin import BuiltinHypervisor
 
     return BuiltinHypervisor()

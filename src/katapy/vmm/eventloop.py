@@ -6,6 +6,12 @@ front end), and back ends own sockets, taps and files.  So a device registers
 ``fd -> callback`` here and never sees a vCPU thread.  Callbacks run on the
 loop's thread, one at a time; an exception in one is logged and that fd is
 dropped, so a broken device cannot take the loop (or the VMM) down.
+
+Started with :meth:`EventLoop.start`, the loop's thread loads its seccomp
+filter (``katapy.vmm.seccomp``, the device list) before its first poll:
+the devices' files, sockets and eventfds are opened by the builder on the
+caller's thread, the loop only uses them.  A loop run on a caller's own
+thread (``run()`` called directly) is not filtered.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import threading
 from typing import Callable, TypeVar
 
 from katapy import log
+from katapy.vmm import seccomp
 
 _log = log.get("vmm.eventloop")
 
@@ -102,6 +109,12 @@ class EventLoop:
         self._thread.start()
 
     def run(self) -> None:
+        if self._thread is threading.current_thread():
+            try:
+                seccomp.install(seccomp.ThreadClass.DEVICES)
+            except seccomp.SeccompError as exc:  # no devices rather than unconfined ones
+                _log.error("seccomp filter failed; event loop not started", loop=self.name, error=str(exc))
+                return
         while not self._stop:
             try:
                 ready = self._ep.poll(1.0)

@@ -18,6 +18,10 @@ Every return of KVM_RUN is counted by reason (:data:`EXIT_REASONS`) in the
 thread's own list of ints, one ``+= 1`` per exit: no lock, nothing allocated.
 Other threads read the list as it is (a metrics scrape: each int is read
 whole under the GIL, and only ever grows); ``Vmm.exit_counts`` sums them.
+
+The thread loads its seccomp filter (``katapy.vmm.seccomp``, the vCPU list)
+first thing in ``_run``: the vCPU fd and its kvm_run mapping already exist,
+and from then on the thread only runs the guest and its exits.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import threading
 from typing import Callable
 
 from katapy import log
+from katapy.vmm import seccomp
 from katapy.vmm.bus import Bus
 from katapy.vmm.kvm import exits
 from katapy.vmm.kvm.consts import (
@@ -163,6 +168,7 @@ class VcpuThread:
     def _run(self) -> None:
         counts, slot_of = self.exits, _EXIT_SLOT
         try:
+            seccomp.install(seccomp.ThreadClass.VCPU)  # setup is done: vCPU fd and kvm_run mapped
             while self._wait_while_paused():
                 exit_ = self.vcpu.run()
                 slot = slot_of[type(exit_)]
