@@ -103,12 +103,14 @@ def _devices(pid: int) -> list[Rule]:
             # virtio-fs passthrough (fs/passthrough.py, inodes.py, resolve.py): every FUSE opcode it serves
             "openat2",  # lookups confined below the shared dir (RESOLVE_BENEATH)
             "getdents64",  # READDIR, READDIRPLUS (os.scandir)
-            "mkdirat", "mknodat", "symlinkat", "unlinkat", "renameat2", "linkat", "readlinkat",
-            "fchmodat", "fchownat", "utimensat", "ftruncate", "truncate",
+            "mkdirat", "mknodat", "symlinkat", "unlinkat", "linkat", "readlinkat",
+            "renameat2", "renameat",  # RENAME(2): glibc's renameat2() with flags 0 makes renameat(2)
+            "chmod", "fchmodat", "fchownat",  # SETATTR: os.chmod of the inode's /proc/self/fd link is chmod(2)
+            "utimensat", "ftruncate", "truncate",
             "statfs", "fstatfs",
             "setxattr", "getxattr", "listxattr", "removexattr",
             "faccessat", "faccessat2",  # ACCESS
-            "sync", "syncfs",  # SYNCFS
+            "syncfs",  # SYNCFS: of the share only
         ),
         # the vhost-user back end (vhost_user/server.py) runs on an EventLoop of its own and so gets this
         # list: the front end's connection (accept4), its fds (recvmsg SCM_RIGHTS), the guest memory it

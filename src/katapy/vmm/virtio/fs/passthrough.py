@@ -24,8 +24,6 @@ from katapy.vmm.virtio.queue import Reader, Writer
 
 _log = log.get("vmm.virtio.fs")
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-AT_FDCWD = -100
-SYS_RENAMEAT2 = 316  # x86_64
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 MAX_WRITE = 128 * 1024
@@ -259,10 +257,8 @@ class FuseServer:
         src, dst = self.inodes.get(req.nodeid), self.inodes.get(newdir)
         if flags & ~7:
             raise OSError(errno.EINVAL, "unknown rename flags")
-        # the syscall itself: glibc's renameat2() with flags 0 makes renameat(2), which the device threads'
-        # seccomp list (vmm/seccomp/filters.py) does not name
-        _ctypes_check(_libc.syscall(ctypes.c_long(SYS_RENAMEAT2), src.fd, os.fsencode(check_name(old)), dst.fd,
-                                    os.fsencode(check_name(new)), ctypes.c_uint(flags)))
+        _ctypes_check(_libc.renameat2(src.fd, os.fsencode(check_name(old)), dst.fd, os.fsencode(check_name(new)),
+                                      ctypes.c_uint(flags)))
         return b""
 
     def link(self, req: Request) -> bytes:
@@ -294,8 +290,7 @@ class FuseServer:
         if valid & F.FATTR_MODE:
             if is_link:
                 raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
-            # fchmodat(2), not chmod(2) (os.chmod): the one the device threads' seccomp list names
-            _ctypes_check(_libc.fchmodat(AT_FDCWD, os.fsencode(proc_path(node.fd)), ctypes.c_uint(mode & 0o7777), 0))
+            os.chmod(proc_path(node.fd), mode & 0o7777)
         if valid & (F.FATTR_UID | F.FATTR_GID):
             _ctypes_check(_libc.fchownat(node.fd, b"", ctypes.c_uint(uid if valid & F.FATTR_UID else 0xFFFFFFFF),
                                          ctypes.c_uint(gid if valid & F.FATTR_GID else 0xFFFFFFFF),
