@@ -56,6 +56,17 @@ def _status_field(tid: int, key: str) -> str:
     raise AssertionError(f"no {key} in /proc/self/task/{tid}/status")
 
 
+def _seccomp_mode(tid: int, timeout: float = 5.0) -> str:
+    """The thread's Seccomp field once it is 2, or as it is after ``timeout``: the device loop's thread loads
+    its filter as it starts, which can be after the vCPU has already run the guest's first output."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (mode := _status_field(tid, "Seccomp")) != "2" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return mode
+
+
 def _comm(tid: int) -> str:
     with open(f"/proc/self/task/{tid}/comm") as f:
         return f.read().strip()
@@ -79,8 +90,8 @@ def test_a_flat_guest_runs_to_completion_with_both_filters_on(vmm):
     assert seccomp.enabled()  # the default, [hypervisor] seccomp = true
     vcpu_tid, loop_tid, out = _run_echo_guest(vmm)
     # the guest is running (spinning on the UART): both VMM threads are filtered, this one is not
-    assert _status_field(vcpu_tid, "Seccomp") == "2"
-    assert _status_field(loop_tid, "Seccomp") == "2"
+    assert _seccomp_mode(vcpu_tid) == "2"
+    assert _seccomp_mode(loop_tid) == "2"
     assert _status_field(vcpu_tid, "NoNewPrivs") == "1"
     assert _comm(vcpu_tid) == "katapy-vcpu0" and _comm(loop_tid) == "katapy-devices"
     assert seccomp.thread_mode() == 0  # the caller's (pytest's main) thread keeps no filter
